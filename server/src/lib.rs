@@ -1,0 +1,8 @@
+//! qmodel-server: BERT-family sentence embeddings and cross-encoder reranking over HTTP.
+//!
+//! Layout (after text-embeddings-inference): `artifact` (on-disk model format), `quantize`
+//! (checkpoint -> artifact), `models` (one file per model family, tensors only), `backend`
+//! (the one interface the serving side sees), `tokenize`, `queue` (dynamic batcher), `http`
+//! (routes and wire types; knows nothing of tensors).
+
+pub mod backend;
