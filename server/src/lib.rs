@@ -5,4 +5,6 @@
 //! (the one interface the serving side sees), `tokenize`, `queue` (dynamic batcher), `http`
 //! (routes and wire types; knows nothing of tensors).
 
+pub mod artifact;
 pub mod backend;
+pub mod tokenize;

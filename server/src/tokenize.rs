@@ -1,0 +1,194 @@
+//! Tokenization with the limits the API promises: inputs longer than the model's limit are
+//! either truncated (`truncate: true`) or refused with the token count, never silently cut.
+
+use std::path::Path;
+
+use crate::backend::Encoding;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenizeError {
+    #[error("input has {tokens} tokens, more than the model's limit of {max}")]
+    TooLong { tokens: usize, max: usize },
+    #[error("tokenization failed: {0}")]
+    Failed(String),
+}
+
+/// One token of `/tokenize`'s answer; offsets are byte positions in the input.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
+pub struct Tokenizer {
+    /// Never truncates: it tells how long an input really is.
+    inner: tokenizers::Tokenizer,
+    /// Cuts to `max_input_tokens`, keeping the special tokens; used only for inputs that are
+    /// too long and may be truncated.
+    truncating: tokenizers::Tokenizer,
+    max_input_tokens: usize,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path, max_input_tokens: usize) -> anyhow::Result<Self> {
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Truncation and padding are ours to decide per request; the batcher pads.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut truncating = inner.clone();
+        truncating
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_input_tokens,
+                strategy: tokenizers::TruncationStrategy::LongestFirst,
+                ..Default::default()
+            }))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Self {
+            inner,
+            truncating,
+            max_input_tokens,
+        })
+    }
+
+    pub fn max_input_tokens(&self) -> usize {
+        self.max_input_tokens
+    }
+
+    /// Encodes one text with special tokens (`[CLS] text [SEP]`).
+    pub fn encode(&self, text: &str, truncate: bool) -> Result<Encoding, TokenizeError> {
+        self.limited(text, truncate)
+    }
+
+    /// Encodes a (query, text) pair for a cross-encoder (`[CLS] q [SEP] t [SEP]`). When
+    /// truncating, the longer side is cut first, as Hugging Face's `longest_first` does.
+    pub fn encode_pair(
+        &self,
+        query: &str,
+        text: &str,
+        truncate: bool,
+    ) -> Result<Encoding, TokenizeError> {
+        self.limited((query, text), truncate)
+    }
+
+    /// The tokens of one text, for `/tokenize`.
+    pub fn tokens(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<Token>, TokenizeError> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizeError::Failed(e.to_string()))?;
+        let special = encoding.get_special_tokens_mask();
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(special)
+            .map(|(((&id, text), &(start, stop)), &special)| {
+                let special = special == 1;
+                Token {
+                    id,
+                    text: text.clone(),
+                    special,
+                    start: (!special).then_some(start),
+                    stop: (!special).then_some(stop),
+                }
+            })
+            .collect())
+    }
+
+    fn limited<'s, I>(&self, input: I, truncate: bool) -> Result<Encoding, TokenizeError>
+    where
+        I: Into<tokenizers::EncodeInput<'s>> + Clone,
+    {
+        let failed = |e: tokenizers::Error| TokenizeError::Failed(e.to_string());
+        let mut encoding = self.inner.encode(input.clone(), true).map_err(failed)?;
+        let tokens = encoding.len();
+        if tokens > self.max_input_tokens {
+            if !truncate {
+                return Err(TokenizeError::TooLong {
+                    tokens,
+                    max: self.max_input_tokens,
+                });
+            }
+            encoding = self.truncating.encode(input, true).map_err(failed)?;
+        }
+        Ok(Encoding {
+            ids: encoding.get_ids().to_vec(),
+            type_ids: encoding.get_type_ids().to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minilm(max: usize) -> Tokenizer {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/cache/all-MiniLM-L6-v2/tokenizer.json");
+        assert!(
+            path.exists(),
+            "{} is missing: run models/fetch first",
+            path.display()
+        );
+        Tokenizer::from_file(&path, max).unwrap()
+    }
+
+    #[test]
+    fn encodes_with_special_tokens() {
+        let tok = minilm(256);
+        let e = tok.encode("Hello world", false).unwrap();
+        assert_eq!(e.ids.first(), Some(&101)); // [CLS]
+        assert_eq!(e.ids.last(), Some(&102)); // [SEP]
+        assert_eq!(e.ids.len(), 4);
+        assert!(e.type_ids.iter().all(|&t| t == 0));
+    }
+
+    #[test]
+    fn too_long_is_refused_or_truncated_keeping_special_tokens() {
+        let tok = minilm(8);
+        let text = "one two three four five six seven eight nine ten";
+        assert_eq!(
+            tok.encode(text, false),
+            Err(TokenizeError::TooLong { tokens: 12, max: 8 })
+        );
+        let e = tok.encode(text, true).unwrap();
+        assert_eq!(e.ids.len(), 8);
+        assert_eq!(e.ids.last(), Some(&102));
+    }
+
+    #[test]
+    fn pairs_carry_segment_ids_and_truncate_longest_first() {
+        let tok = minilm(12);
+        let e = tok
+            .encode_pair(
+                "short query",
+                "a much longer passage of text that goes on and on",
+                true,
+            )
+            .unwrap();
+        assert_eq!(e.ids.len(), 12);
+        assert_eq!(e.ids.iter().filter(|&&id| id == 102).count(), 2);
+        assert_eq!(e.type_ids[..4], [0, 0, 0, 0]);
+        assert_eq!(*e.type_ids.last().unwrap(), 1);
+    }
+
+    #[test]
+    fn tokens_report_offsets_of_real_tokens_only() {
+        let tok = minilm(256);
+        let tokens = tok.tokens("Héllo", true).unwrap();
+        assert!(tokens[0].special && tokens[0].start.is_none());
+        assert!(!tokens[1].special);
+        assert_eq!(tokens[1].start, Some(0));
+    }
+}
