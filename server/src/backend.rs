@@ -26,3 +26,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Raw relevance logits of (query, text) pairs for a cross-encoder.
     fn score(&self, batch: &[Encoding]) -> anyhow::Result<Vec<f32>>;
 }
+
+/// Where a model runs. `Cuda` needs the `cuda` cargo feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
