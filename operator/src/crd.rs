@@ -56,6 +56,7 @@ pub struct QuantizedModelSpec {
     pub precision: Precision,
     /// Where the model runs; defaults from the precision (fp16 -> gpu, otherwise cpu).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = drop_null_enum_value)]
     pub device: Option<Device>,
     #[serde(default = "default_replicas")]
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
@@ -97,6 +98,14 @@ impl QuantizedModelSpec {
             Precision::Fp16 => Device::Gpu,
             Precision::Int8 | Precision::Int4 | Precision::Fp32 => Device::Cpu,
         })
+    }
+}
+
+/// schemars lists `null` among the values of an optional enum; an absent field already covers
+/// "unset", and the apiserver's enum check is not meant to see a null value.
+fn drop_null_enum_value(schema: &mut schemars::Schema) {
+    if let Some(values) = schema.get_mut("enum").and_then(|values| values.as_array_mut()) {
+        values.retain(|value| !value.is_null());
     }
 }
 
@@ -187,6 +196,7 @@ pub struct ImageSpec {
     #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
     pub digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = drop_null_enum_value)]
     pub pull_policy: Option<PullPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_secrets: Vec<LocalObjectReference>,
@@ -409,6 +419,9 @@ mod tests {
                 || object.get("x-kubernetes-int-or-string") == Some(&json!(true))
                 || object.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
             assert!(typed, "{path} has no type: {schema}");
+            if let Some(values) = object.get("enum").and_then(|e| e.as_array()) {
+                assert!(!values.contains(&json!(null)), "{path} lists null among its enum values");
+            }
             for (name, child) in object
                 .get("properties")
                 .and_then(|p| p.as_object())
