@@ -152,6 +152,36 @@ gpuProfiles:
     }
 
     #[test]
+    fn example_file_parses_and_matches_the_defaults_it_documents() {
+        let example = OperatorConfig::from_yaml(
+            include_str!("../config.example.yaml"),
+            "config.example.yaml",
+        )
+        .unwrap();
+        let defaults = OperatorConfig::default();
+        assert_eq!(example.image_repository, defaults.image_repository);
+        assert_eq!(example.field_manager, defaults.field_manager);
+        assert_eq!(example.gpu_node_label, defaults.gpu_node_label);
+        assert_eq!(
+            example.keep_cpu_models_off_gpu_nodes,
+            defaults.keep_cpu_models_off_gpu_nodes
+        );
+        assert_eq!(
+            example.default_cpu_resources,
+            defaults.default_cpu_resources
+        );
+        assert_eq!(example.default_gpu_profile, defaults.default_gpu_profile);
+        assert_eq!(
+            example.gpu_profiles["default"],
+            defaults.gpu_profiles["default"]
+        );
+        assert_eq!(
+            example.gpu_profiles["h100"].runtime_class_name.as_deref(),
+            Some("nvidia")
+        );
+    }
+
+    #[test]
     fn default_profile_must_exist() {
         let err = OperatorConfig::from_yaml("defaultGpuProfile: a100\n", "c.yaml").unwrap_err();
         assert!(matches!(err, ConfigError::MissingDefaultProfile(name) if name == "a100"));

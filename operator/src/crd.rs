@@ -104,7 +104,10 @@ impl QuantizedModelSpec {
 /// schemars lists `null` among the values of an optional enum; an absent field already covers
 /// "unset", and the apiserver's enum check is not meant to see a null value.
 fn drop_null_enum_value(schema: &mut schemars::Schema) {
-    if let Some(values) = schema.get_mut("enum").and_then(|values| values.as_array_mut()) {
+    if let Some(values) = schema
+        .get_mut("enum")
+        .and_then(|values| values.as_array_mut())
+    {
         values.retain(|value| !value.is_null());
     }
 }
@@ -420,7 +423,10 @@ mod tests {
                 || object.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
             assert!(typed, "{path} has no type: {schema}");
             if let Some(values) = object.get("enum").and_then(|e| e.as_array()) {
-                assert!(!values.contains(&json!(null)), "{path} lists null among its enum values");
+                assert!(
+                    !values.contains(&json!(null)),
+                    "{path} lists null among its enum values"
+                );
             }
             for (name, child) in object
                 .get("properties")
