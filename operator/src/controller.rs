@@ -524,6 +524,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stalled_rollout_is_reported_as_degraded() {
+        let mut qm = model(json!({"model": {"version": "2.0.0"}}));
+        qm.status = Some(QuantizedModelStatus {
+            observed_generation: Some(1),
+            current_version: Some("1.0.0".into()),
+            desired_version: Some("2.0.0".into()),
+            image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
+            ..QuantizedModelStatus::default()
+        });
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let mut stored = rolled_out(4, 1);
+            stored["status"]["replicas"] = json!(2);
+            stored["status"]["conditions"] = json!([{
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"bge-5d4\" has timed out progressing.",
+            }]);
+            api.apply_deployment(stored).await;
+            api.apply_service().await;
+            let status = api.apply_status().await;
+            assert_eq!(
+                condition(&status, "Degraded"),
+                ("True", "ProgressDeadlineExceeded")
+            );
+            assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+            let event = api.event().await;
+            assert_eq!(
+                (event["reason"].as_str(), event["type"].as_str()),
+                (Some("RolloutStalled"), Some("Warning"))
+            );
+            assert_eq!(
+                event["note"],
+                "ReplicaSet \"bge-5d4\" has timed out progressing."
+            );
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(RESYNC));
+    }
+
+    #[tokio::test]
     async fn invalid_spec_applies_nothing_and_reports_why() {
         let qm = model(json!({"precision": "fp16", "gpu": {"profile": "a100"}}));
         let (result, ctx) =

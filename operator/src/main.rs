@@ -54,6 +54,7 @@ struct RunArgs {
         default_value = "0.0.0.0:8081"
     )]
     http_addr: SocketAddr,
+    /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "QMODEL_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Take a Lease before reconciling, so several replicas can run.
