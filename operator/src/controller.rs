@@ -372,6 +372,23 @@ mod tests {
     }
 
     /// Runs one reconcile of `qm` against `scenario`; both must finish.
+    async fn reconcile_with<F>(
+        qm: QuantizedModel,
+        ctx: &Arc<Context>,
+        server: ApiServer,
+        scenario: impl FnOnce(ApiServer) -> F,
+    ) -> (Result<Action, Error>, ApiServer)
+    where
+        F: Future<Output = ApiServer>,
+    {
+        timeout(Duration::from_secs(5), async {
+            tokio::join!(reconcile(Arc::new(qm), ctx.clone()), scenario(server))
+        })
+        .await
+        .expect("reconcile and scenario finish: no unexpected or missing request")
+    }
+
+    /// [`reconcile_with`] on a fresh context.
     async fn reconcile_against<F>(
         qm: QuantizedModel,
         config: OperatorConfig,
@@ -381,11 +398,7 @@ mod tests {
         F: Future<Output = ApiServer>,
     {
         let (ctx, server) = context(config);
-        let (result, _server) = timeout(Duration::from_secs(5), async {
-            tokio::join!(reconcile(Arc::new(qm), ctx.clone()), scenario(server))
-        })
-        .await
-        .expect("reconcile and scenario finish: no unexpected or missing request");
+        let (result, _server) = reconcile_with(qm, &ctx, server, scenario).await;
         (result, ctx)
     }
 
@@ -592,9 +605,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn api_error_fails_the_reconcile_before_status_and_backs_off() {
+    async fn api_error_fails_the_reconcile_before_status_and_backs_off_until_a_success() {
         let qm = model(json!({}));
-        let (result, ctx) = reconcile_against(qm.clone(), OperatorConfig::default(), |mut api| async move {
+        let (ctx, server) = context(OperatorConfig::default());
+        let (result, server) = reconcile_with(qm.clone(), &ctx, server, |mut api| async move {
             let uri = format!("/apis/apps/v1/namespaces/ml/deployments/bge{APPLY_QUERY}");
             api.expect(Method::PATCH, &uri, StatusCode::FORBIDDEN, |_| {
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"})
@@ -608,17 +622,22 @@ mod tests {
             matches!(&error, Error::Kube(kube::Error::Api(status)) if status.is_forbidden()),
             "{error}"
         );
-
-        let qm = Arc::new(qm);
-        assert_eq!(
-            error_policy(qm.clone(), &error, ctx.clone()),
-            Action::requeue(Duration::from_secs(5))
-        );
-        assert_eq!(
-            error_policy(qm.clone(), &error, ctx.clone()),
-            Action::requeue(Duration::from_secs(10))
-        );
+        let retry = |ctx: &Arc<Context>| error_policy(Arc::new(qm.clone()), &error, ctx.clone());
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(5)));
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(10)));
         assert_eq!(ctx.metrics.failures.with_label_values(&["kube"]).get(), 2);
+
+        // Any successful reconcile of the same object (here: finding its spec invalid) resets
+        // the backoff.
+        let invalid = model(json!({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}));
+        let (result, _server) = reconcile_with(invalid, &ctx, server, |mut api| async move {
+            api.apply_status().await;
+            api.event().await;
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(5)));
     }
 
     #[test]
