@@ -254,7 +254,7 @@ mod tests {
 
     use super::*;
     use crate::crd::QuantizedModelStatus;
-    use crate::testing::model;
+    use crate::testing::{merge, model};
 
     const APPLY_QUERY: &str = "?&force=true&fieldManager=qmodel-operator";
 
@@ -341,17 +341,6 @@ mod tests {
                 Value::clone,
             )
             .await
-        }
-    }
-
-    fn merge(base: &mut Value, patch: Value) {
-        match (base, patch) {
-            (Value::Object(base), Value::Object(patch)) => {
-                for (key, value) in patch {
-                    merge(base.entry(key).or_insert(Value::Null), value);
-                }
-            }
-            (base, patch) => *base = patch,
         }
     }
 

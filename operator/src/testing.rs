@@ -21,7 +21,8 @@ pub fn model(spec: Value) -> QuantizedModel {
     .expect("fixture is a valid QuantizedModel")
 }
 
-fn merge(base: &mut Value, patch: Value) {
+/// JSON merge of `patch` into `base`: objects merge key by key, anything else replaces.
+pub fn merge(base: &mut Value, patch: Value) {
     match (base, patch) {
         (Value::Object(base), Value::Object(patch)) => {
             for (key, value) in patch {
