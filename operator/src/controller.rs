@@ -1,0 +1,639 @@
+//! The reconciler: applies the desired state with server-side apply, writes status, publishes
+//! Events, and backs off on errors.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::config::OperatorConfig;
+use crate::crd::QuantizedModel;
+use crate::metrics::Metrics;
+use crate::resources::{self, DesiredState};
+use crate::status::{self, Observation, Rollout};
+
+/// Requeue interval while a rollout is under way, as a safety net next to the Deployment watch.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(30);
+/// Periodic resync of a settled model, repairing drift the watches missed.
+const RESYNC: Duration = Duration::from_secs(300);
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per model, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<QuantizedModel>, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: config.field_manager.clone(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            config,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+}
+
+/// Delay before retry number `attempt` (1-based): 5s doubling up to 5 minutes.
+pub fn retry_delay(attempt: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(MAX_RETRY)
+}
+
+pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciliations.inc();
+    let _timer = ctx.metrics.reconcile_duration.start_timer();
+    let Some(namespace) = model.namespace() else {
+        warn!(name = %model.name_any(), "QuantizedModel without namespace ignored");
+        return Ok(Action::await_change());
+    };
+    let name = model.name_any();
+    let now = Time(Timestamp::now());
+
+    let (new_status, action) = match resources::desired_state(&model, &ctx.config) {
+        Err(error) => {
+            ctx.metrics.invalid_specs.inc();
+            warn!(%namespace, %name, %error, "spec cannot be served; nothing applied");
+            // Only a spec change can fix it, and that triggers a reconcile by itself.
+            let status = status::status(&model, &Observation::Invalid(&error), &now);
+            (status, Action::await_change())
+        }
+        Ok(desired) => {
+            let deployment = apply(&model, &desired, &namespace, &ctx).await?;
+            let status = status::status(
+                &model,
+                &Observation::Applied {
+                    desired: &desired,
+                    deployment: &deployment,
+                },
+                &now,
+            );
+            let action = match status::rollout(&deployment) {
+                Rollout::InProgress(_) => Action::requeue(ROLLOUT_RECHECK),
+                Rollout::Complete | Rollout::Stalled(_) => Action::requeue(RESYNC),
+            };
+            (status, action)
+        }
+    };
+
+    if model.status.as_ref() != Some(&new_status) {
+        let models: Api<QuantizedModel> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": QuantizedModel::api_version(&()),
+            "kind": QuantizedModel::kind(&()),
+            "status": new_status,
+        });
+        models
+            .patch_status(&name, &apply_params(&ctx.config), &Patch::Apply(&patch))
+            .await?;
+    }
+    let reference = model.object_ref(&());
+    for event in status::events(model.status.as_ref(), &new_status) {
+        // An Event lost to a transient error is not worth re-applying everything for.
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            warn!(%namespace, %name, reason = %event.reason, %error, "publishing Event failed");
+        }
+    }
+    ctx.failures
+        .lock()
+        .expect("failure map lock poisoned")
+        .remove(&ObjectRef::from(model.as_ref()));
+    Ok(action)
+}
+
+fn apply_params(config: &OperatorConfig) -> PatchParams {
+    PatchParams::apply(&config.field_manager).force()
+}
+
+/// Applies the Deployment, Service and PodDisruptionBudget; returns the Deployment as stored.
+async fn apply(
+    model: &QuantizedModel,
+    desired: &DesiredState,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Deployment, kube::Error> {
+    let name = model.name_any();
+    let params = apply_params(&ctx.config);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let deployment = deployments
+        .patch(&name, &params, &Patch::Apply(&desired.deployment))
+        .await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    services
+        .patch(&name, &params, &Patch::Apply(&desired.service))
+        .await?;
+
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), namespace);
+    match &desired.pod_disruption_budget {
+        Some(budget) => {
+            budgets.patch(&name, &params, &Patch::Apply(budget)).await?;
+        }
+        // A budget exists only if an earlier generation had several replicas, so an unchanged
+        // generation needs no delete call.
+        None if spec_changed_since_last_status(model) => {
+            match budgets.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    info!(%namespace, %name, "deleted PodDisruptionBudget of a single-replica model")
+                }
+                Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                Err(error) => return Err(error),
+            }
+        }
+        None => {}
+    }
+    Ok(deployment)
+}
+
+fn spec_changed_since_last_status(model: &QuantizedModel) -> bool {
+    model.status.as_ref().and_then(|s| s.observed_generation) != model.metadata.generation
+}
+
+pub fn error_policy(model: Arc<QuantizedModel>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    let attempt = {
+        let mut failures = ctx.failures.lock().expect("failure map lock poisoned");
+        let count = failures.entry(ObjectRef::from(model.as_ref())).or_insert(0);
+        *count += 1;
+        *count
+    };
+    let delay = retry_delay(attempt);
+    warn!(
+        namespace = model.namespace().unwrap_or_default(),
+        name = %model.name_any(),
+        %error,
+        attempt,
+        retry_in_seconds = delay.as_secs(),
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// Runs the controller until `shutdown` completes or a termination signal arrives.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    // Children are matched to their owner through owner references; the label keeps the
+    // watches to objects this operator manages.
+    let managed = watcher::Config::default().labels(&format!(
+        "{}={}",
+        resources::MANAGED_BY_LABEL,
+        resources::MANAGED_BY
+    ));
+    Controller::new(
+        Api::<QuantizedModel>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), managed.clone())
+    .owns(Api::<Service>::all(client.clone()), managed.clone())
+    .owns(Api::<PodDisruptionBudget>::all(client), managed)
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            warn!(%error, "controller error");
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::Value;
+    use tokio::time::timeout;
+    use tower_test::mock::{self, Handle};
+
+    use super::*;
+    use crate::crd::QuantizedModelStatus;
+    use crate::testing::{merge, model};
+
+    const APPLY_QUERY: &str = "?&force=true&fieldManager=qmodel-operator";
+
+    /// A fake API server: each call expects one request and answers it (the ApiServerVerifier
+    /// pattern of kube-rs/controller-rs). A request nobody answers stalls the reconcile, and the
+    /// test times out.
+    struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+    impl ApiServer {
+        /// Expects `method` on `uri`, answers `status` with `respond(request body)`, and returns
+        /// the request body.
+        async fn expect(
+            &mut self,
+            method: Method,
+            uri: &str,
+            status: StatusCode,
+            respond: impl FnOnce(&Value) -> Value,
+        ) -> Value {
+            let (request, send) = self
+                .0
+                .next_request()
+                .await
+                .expect("the reconciler sent a request");
+            assert_eq!(
+                (request.method(), request.uri().to_string().as_str()),
+                (&method, uri)
+            );
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            let response = serde_json::to_vec(&respond(&body)).unwrap();
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(response))
+                    .unwrap(),
+            );
+            body
+        }
+
+        /// Server-side apply of `kind` (plural `resource` of `api`) named bge in namespace ml;
+        /// the stored object is the applied one plus `stored`.
+        async fn apply(&mut self, api: &str, resource: &str, stored: Value) -> Value {
+            let uri = format!("{api}/namespaces/ml/{resource}/bge{APPLY_QUERY}");
+            self.expect(Method::PATCH, &uri, StatusCode::OK, |body| {
+                let mut object = body.clone();
+                merge(&mut object, stored);
+                object
+            })
+            .await
+        }
+
+        async fn apply_deployment(&mut self, stored: Value) -> Value {
+            self.apply("/apis/apps/v1", "deployments", stored).await
+        }
+
+        async fn apply_service(&mut self) -> Value {
+            self.apply("/api/v1", "services", json!({})).await
+        }
+
+        async fn apply_status(&mut self) -> QuantizedModelStatus {
+            let uri = format!(
+                "/apis/serving.qmodel.dev/v1alpha1/namespaces/ml/quantizedmodels/bge/status{APPLY_QUERY}"
+            );
+            let body = self
+                .expect(Method::PATCH, &uri, StatusCode::OK, |body| {
+                    let mut stored = serde_json::to_value(model(json!({}))).unwrap();
+                    merge(&mut stored, body.clone());
+                    stored
+                })
+                .await;
+            assert_eq!(body["kind"], "QuantizedModel");
+            serde_json::from_value(body["status"].clone()).unwrap()
+        }
+
+        async fn event(&mut self) -> Value {
+            self.expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/ml/events?",
+                StatusCode::CREATED,
+                Value::clone,
+            )
+            .await
+        }
+    }
+
+    fn not_found() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    }
+
+    fn context(config: OperatorConfig) -> (Arc<Context>, ApiServer) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let ctx = Context::new(
+            client,
+            config,
+            Arc::new(Metrics::default()),
+            Some("operator-0".to_owned()),
+        );
+        (Arc::new(ctx), ApiServer(handle))
+    }
+
+    /// Runs one reconcile of `qm` against `scenario`; both must finish.
+    async fn reconcile_with<F>(
+        qm: QuantizedModel,
+        ctx: &Arc<Context>,
+        server: ApiServer,
+        scenario: impl FnOnce(ApiServer) -> F,
+    ) -> (Result<Action, Error>, ApiServer)
+    where
+        F: Future<Output = ApiServer>,
+    {
+        timeout(Duration::from_secs(5), async {
+            tokio::join!(reconcile(Arc::new(qm), ctx.clone()), scenario(server))
+        })
+        .await
+        .expect("reconcile and scenario finish: no unexpected or missing request")
+    }
+
+    /// [`reconcile_with`] on a fresh context.
+    async fn reconcile_against<F>(
+        qm: QuantizedModel,
+        config: OperatorConfig,
+        scenario: impl FnOnce(ApiServer) -> F,
+    ) -> (Result<Action, Error>, Arc<Context>)
+    where
+        F: Future<Output = ApiServer>,
+    {
+        let (ctx, server) = context(config);
+        let (result, _server) = reconcile_with(qm, &ctx, server, scenario).await;
+        (result, ctx)
+    }
+
+    fn rolled_out(generation: i64, replicas: i32) -> Value {
+        json!({
+            "metadata": {"generation": generation},
+            "status": {
+                "observedGeneration": generation,
+                "replicas": replicas,
+                "updatedReplicas": replicas,
+                "readyReplicas": replicas,
+                "availableReplicas": replicas,
+            },
+        })
+    }
+
+    fn condition<'a>(status: &'a QuantizedModelStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[tokio::test]
+    async fn create_applies_children_then_status_then_event() {
+        let (result, _) = reconcile_against(
+            model(json!({})),
+            OperatorConfig::default(),
+            |mut api| async move {
+                let deployment = api
+                    .apply_deployment(json!({"metadata": {"generation": 1}}))
+                    .await;
+                assert_eq!(deployment["kind"], "Deployment");
+                assert_eq!(
+                    deployment["metadata"]["ownerReferences"][0]["uid"],
+                    "0b9e-uid"
+                );
+                assert_eq!(
+                    deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+                    "ghcr.io/qmodel/qmodel-server:1.0.0-int8"
+                );
+                let service = api.apply_service().await;
+                assert_eq!(service["kind"], "Service");
+                // A first reconcile clears any budget left from a multi-replica past.
+                api.expect(
+                    Method::DELETE,
+                    "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/bge?",
+                    StatusCode::NOT_FOUND,
+                    |_| not_found(),
+                )
+                .await;
+                let status = api.apply_status().await;
+                assert_eq!(condition(&status, "Progressing"), ("True", "RollingOut"));
+                assert_eq!(status.desired_version.as_deref(), Some("1.0.0"));
+                assert_eq!(
+                    status.endpoint.as_deref(),
+                    Some("http://bge.ml.svc.cluster.local:8080")
+                );
+                let event = api.event().await;
+                assert_eq!(
+                    (event["reason"].as_str(), event["type"].as_str()),
+                    (Some("Created"), Some("Normal"))
+                );
+                assert_eq!(event["regarding"]["name"], "bge");
+                assert_eq!(event["reportingInstance"], "operator-0");
+                api
+            },
+        )
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn version_update_applies_new_template_and_budget_and_reports_the_rollout() {
+        let mut qm = model(json!({"replicas": 2, "model": {"version": "2.0.0"}}));
+        qm.metadata.generation = Some(2);
+        qm.status = Some(QuantizedModelStatus {
+            observed_generation: Some(1),
+            current_version: Some("1.0.0".into()),
+            desired_version: Some("1.0.0".into()),
+            image: Some("ghcr.io/qmodel/qmodel-server:1.0.0-int8".into()),
+            ..QuantizedModelStatus::default()
+        });
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let mut stored = rolled_out(5, 2);
+            stored["status"]["updatedReplicas"] = json!(1);
+            stored["status"]["replicas"] = json!(3);
+            let deployment = api.apply_deployment(stored).await;
+            assert_eq!(
+                deployment["spec"]["template"]["metadata"]["annotations"]["serving.qmodel.dev/model-version"],
+                "2.0.0"
+            );
+            api.apply_service().await;
+            let budget = api.apply("/apis/policy/v1", "poddisruptionbudgets", json!({})).await;
+            assert_eq!(budget["spec"]["maxUnavailable"], 1);
+            let status = api.apply_status().await;
+            assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+            assert_eq!(status.desired_version.as_deref(), Some("2.0.0"));
+            assert_eq!((status.replicas, status.updated_replicas), (3, 1));
+            assert_eq!(api.event().await["reason"], "Updated");
+            assert_eq!(api.event().await["note"], "rolling out version 2.0.0 (from 1.0.0)");
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn settled_model_writes_no_status_and_no_events() {
+        let mut qm = model(json!({}));
+        // The status a previous reconcile wrote for this very generation.
+        let desired = resources::desired_state(&qm, &OperatorConfig::default()).unwrap();
+        let mut deployment = desired.deployment.clone();
+        let stored = rolled_out(3, 1);
+        deployment.metadata.generation = Some(3);
+        deployment.status = serde_json::from_value(stored["status"].clone()).unwrap();
+        let now = Time(Timestamp::now());
+        qm.status = Some(status::status(
+            &qm,
+            &Observation::Applied {
+                desired: &desired,
+                deployment: &deployment,
+            },
+            &now,
+        ));
+        assert_eq!(
+            condition(qm.status.as_ref().unwrap(), "Ready"),
+            ("True", "Available")
+        );
+
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            api.apply_deployment(stored).await;
+            api.apply_service().await;
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(RESYNC));
+    }
+
+    #[tokio::test]
+    async fn stalled_rollout_is_reported_as_degraded() {
+        let mut qm = model(json!({"model": {"version": "2.0.0"}}));
+        qm.status = Some(QuantizedModelStatus {
+            observed_generation: Some(1),
+            current_version: Some("1.0.0".into()),
+            desired_version: Some("2.0.0".into()),
+            image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
+            ..QuantizedModelStatus::default()
+        });
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let mut stored = rolled_out(4, 1);
+            stored["status"]["replicas"] = json!(2);
+            stored["status"]["conditions"] = json!([{
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"bge-5d4\" has timed out progressing.",
+            }]);
+            api.apply_deployment(stored).await;
+            api.apply_service().await;
+            let status = api.apply_status().await;
+            assert_eq!(
+                condition(&status, "Degraded"),
+                ("True", "ProgressDeadlineExceeded")
+            );
+            assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+            let event = api.event().await;
+            assert_eq!(
+                (event["reason"].as_str(), event["type"].as_str()),
+                (Some("RolloutStalled"), Some("Warning"))
+            );
+            assert_eq!(
+                event["note"],
+                "ReplicaSet \"bge-5d4\" has timed out progressing."
+            );
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(RESYNC));
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_applies_nothing_and_reports_why() {
+        let qm = model(json!({"precision": "fp16", "gpu": {"profile": "a100"}}));
+        let (result, ctx) =
+            reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+                let status = api.apply_status().await;
+                assert_eq!(condition(&status, "Degraded"), ("True", "InvalidSpec"));
+                assert_eq!(condition(&status, "Ready"), ("False", "InvalidSpec"));
+                let event = api.event().await;
+                assert_eq!(
+                    (event["reason"].as_str(), event["type"].as_str()),
+                    (Some("InvalidSpec"), Some("Warning"))
+                );
+                assert!(
+                    event["note"]
+                        .as_str()
+                        .unwrap()
+                        .contains(r#"GPU profile "a100" is not configured"#)
+                );
+                api
+            })
+            .await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert_eq!(ctx.metrics.invalid_specs.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn api_error_fails_the_reconcile_before_status_and_backs_off_until_a_success() {
+        let qm = model(json!({}));
+        let (ctx, server) = context(OperatorConfig::default());
+        let (result, server) = reconcile_with(qm.clone(), &ctx, server, |mut api| async move {
+            let uri = format!("/apis/apps/v1/namespaces/ml/deployments/bge{APPLY_QUERY}");
+            api.expect(Method::PATCH, &uri, StatusCode::FORBIDDEN, |_| {
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "forbidden"})
+            })
+            .await;
+            api
+        })
+        .await;
+        let error = result.unwrap_err();
+        assert!(
+            matches!(&error, Error::Kube(kube::Error::Api(status)) if status.is_forbidden()),
+            "{error}"
+        );
+        let retry = |ctx: &Arc<Context>| error_policy(Arc::new(qm.clone()), &error, ctx.clone());
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(5)));
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(10)));
+        assert_eq!(ctx.metrics.failures.with_label_values(&["kube"]).get(), 2);
+
+        // Any successful reconcile of the same object (here: finding its spec invalid) resets
+        // the backoff.
+        let invalid = model(json!({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}));
+        let (result, _server) = reconcile_with(invalid, &ctx, server, |mut api| async move {
+            api.apply_status().await;
+            api.event().await;
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert_eq!(retry(&ctx), Action::requeue(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = [1, 2, 3, 4, 7, 100]
+            .map(|attempt| retry_delay(attempt).as_secs())
+            .to_vec();
+        assert_eq!(delays, [5, 10, 20, 40, 300, 300]);
+    }
+}

@@ -1,0 +1,540 @@
+//! The `QuantizedModel` custom resource (`serving.qmodel.dev/v1alpha1`).
+//!
+//! Validation that only needs the object itself lives here as schema constraints and CEL rules, so
+//! the apiserver rejects such mistakes at admission time. Checks that need the operator's
+//! configuration (GPU profiles) happen in [`crate::resources`].
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A BERT embedding or reranker model served by `qmodel-server`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "serving.qmodel.dev",
+    version = "v1alpha1",
+    kind = "QuantizedModel",
+    namespaced,
+    shortname = "qm",
+    status = "QuantizedModelStatus",
+    derive = "PartialEq",
+    doc = "A quantized BERT embedding or reranker model served by qmodel-server",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(name = "Precision", type_ = "string", json_path = ".spec.precision"),
+    printcolumn(name = "Device", type_ = "string", json_path = ".status.device"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // The Deployment, Service and PodDisruptionBudget share the model's name, which is also a
+    // label value: a DNS-1035 label (Service names) of at most 63 characters fits all of them.
+    validation = Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label of at most 63 characters: it names the Service")
+)]
+#[x_kube(
+    validation = Rule::new("self.precision != 'fp16' || !has(self.device) || self.device == 'gpu'").message("precision fp16 requires device gpu"),
+    validation = Rule::new("!(self.precision in ['int8', 'int4']) || !has(self.device) || self.device == 'cpu'").message("precisions int8 and int4 run on device cpu only"),
+    validation = Rule::new("!has(self.gpu) || (has(self.device) ? self.device == 'gpu' : self.precision == 'fp16')").message("spec.gpu is only allowed with device gpu")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct QuantizedModelSpec {
+    pub model: ModelRef,
+    #[serde(default)]
+    pub image: ImageSpec,
+    pub precision: Precision,
+    /// Where the model runs; defaults from the precision (fp16 -> gpu, otherwise cpu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = drop_null_enum_value)]
+    pub device: Option<Device>,
+    #[serde(default = "default_replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    pub replicas: i32,
+    /// Container resources; a default applies on CPU, and the GPU limit is always set from `gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Replaces the operator's default placement (GPU profile affinity or the rule keeping CPU
+    /// pods off GPU nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSpec>,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    #[serde(default)]
+    pub service: ServiceSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra arguments appended after the operator's `serve` flags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+impl QuantizedModelSpec {
+    /// The device the model runs on: the explicit one, else the precision's natural device.
+    pub fn effective_device(&self) -> Device {
+        self.device.unwrap_or(match self.precision {
+            Precision::Fp16 => Device::Gpu,
+            Precision::Int8 | Precision::Int4 | Precision::Fp32 => Device::Cpu,
+        })
+    }
+}
+
+/// schemars lists `null` among the values of an optional enum; an absent field already covers
+/// "unset", and the apiserver's enum check is not meant to see a null value.
+fn drop_null_enum_value(schema: &mut schemars::Schema) {
+    if let Some(values) = schema
+        .get_mut("enum")
+        .and_then(|values| values.as_array_mut())
+    {
+        values.retain(|value| !value.is_null());
+    }
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRef {
+    /// Directory of the model inside the image (`/models/<name>`).
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
+        length(min = 1, max = 128)
+    )]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("model name must not contain '..'"))]
+    pub name: String,
+    /// Model version; part of the image tag and of a label, so a label value.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"))]
+    pub version: String,
+    pub task: Task,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Embed,
+    Rerank,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Int8,
+    Int4,
+    Fp16,
+    Fp32,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Int8 => "int8",
+            Precision::Int4 => "int4",
+            Precision::Fp16 => "fp16",
+            Precision::Fp32 => "fp32",
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Gpu,
+}
+
+impl Device {
+    /// The value of the server's `--device` flag.
+    pub fn server_flag(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Gpu => "cuda",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(has(self.tag) && has(self.digest))").message("set at most one of image.tag and image.digest"))]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// Defaults to the operator's configured image repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Overrides the tag derived from model version and precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"))]
+    pub tag: Option<String>,
+    /// Pins the image by digest (`sha256:<64 hex>`); wins over any tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^sha256:[a-f0-9]{64}$"))]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = drop_null_enum_value)]
+    pub pull_policy: Option<PullPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_secrets: Vec<LocalObjectReference>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    #[serde(default = "default_gpu_count")]
+    #[x_kube(validation = Rule::new("self >= 1").message("gpu.count must be at least 1"))]
+    pub count: i32,
+    #[serde(default = "default_gpu_resource_name")]
+    pub resource_name: String,
+    /// A GPU profile of the operator's configuration; defaults to the configured default profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+}
+
+impl Default for GpuSpec {
+    fn default() -> Self {
+        Self {
+            count: default_gpu_count(),
+            resource_name: default_gpu_resource_name(),
+            profile: None,
+        }
+    }
+}
+
+fn default_gpu_count() -> i32 {
+    1
+}
+
+fn default_gpu_resource_name() -> String {
+    "nvidia.com/gpu".to_owned()
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    #[serde(default = "default_max_surge")]
+    pub max_surge: IntOrString,
+    #[serde(default = "default_max_unavailable")]
+    pub max_unavailable: IntOrString,
+    /// Seconds a rollout may make no progress before the model is marked Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0").message("progressDeadlineSeconds must be positive"))]
+    pub progress_deadline_seconds: Option<i32>,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: default_max_surge(),
+            max_unavailable: default_max_unavailable(),
+            progress_deadline_seconds: None,
+        }
+    }
+}
+
+fn default_max_surge() -> IntOrString {
+    IntOrString::Int(1)
+}
+
+fn default_max_unavailable() -> IntOrString {
+    IntOrString::Int(0)
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default = "default_service_port")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("service.port must be a TCP port"))]
+    pub port: i32,
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+}
+
+impl Default for ServiceSpec {
+    fn default() -> Self {
+        Self {
+            port: default_service_port(),
+            type_: ServiceType::default(),
+        }
+    }
+}
+
+fn default_service_port() -> i32 {
+    8080
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Observed state, written only by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct QuantizedModelStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// The version every replica runs, once a rollout has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Label selector of the pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// The CustomResourceDefinition as YAML, as `qmodel-operator crd` prints it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&QuantizedModel::crd()).expect("a CRD serializes to YAML")
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::cel::validate_cel;
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::model;
+
+    const MAX_NAME_LENGTH: usize = 63;
+
+    #[test]
+    fn committed_crd_is_current() {
+        let committed = include_str!("../../crds/quantizedmodel.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/quantizedmodel.yaml is stale: run `cargo run -p qmodel-operator -- crd > crds/quantizedmodel.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_names_subresources_and_columns() {
+        use kube::CustomResourceExt;
+        let crd = QuantizedModel::crd();
+        assert_eq!(crd.spec.group, "serving.qmodel.dev");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["qm".to_owned()]));
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        let subresources = version.subresources.as_ref().unwrap();
+        assert!(subresources.status.is_some());
+        let scale = subresources.scale.as_ref().unwrap();
+        assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+        assert_eq!(scale.status_replicas_path, ".status.replicas");
+        assert_eq!(
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.to_uppercase())
+            .collect();
+        assert_eq!(
+            columns,
+            ["READY", "VERSION", "PRECISION", "DEVICE", "ENDPOINT", "AGE"]
+        );
+    }
+
+    /// Every object schema must be structural: typed, with no `$ref`, `anyOf` at the top of a
+    /// property, or untyped leaves (unless marked int-or-string or preserve-unknown-fields).
+    #[test]
+    fn schema_is_structural() {
+        use kube::CustomResourceExt;
+        fn check(path: &str, schema: &serde_json::Value) {
+            let object = schema.as_object().unwrap();
+            assert!(!object.contains_key("$ref"), "{path} has a $ref");
+            let typed = object.contains_key("type")
+                || object.get("x-kubernetes-int-or-string") == Some(&json!(true))
+                || object.get("x-kubernetes-preserve-unknown-fields") == Some(&json!(true));
+            assert!(typed, "{path} has no type: {schema}");
+            if let Some(values) = object.get("enum").and_then(|e| e.as_array()) {
+                assert!(
+                    !values.contains(&json!(null)),
+                    "{path} lists null among its enum values"
+                );
+            }
+            for (name, child) in object
+                .get("properties")
+                .and_then(|p| p.as_object())
+                .into_iter()
+                .flatten()
+            {
+                check(&format!("{path}.{name}"), child);
+            }
+            for key in ["items", "additionalProperties"] {
+                if let Some(child) = object.get(key).filter(|c| c.is_object()) {
+                    check(&format!("{path}[{key}]"), child);
+                }
+            }
+        }
+        let crd = QuantizedModel::crd();
+        let schema = serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap();
+        check("", &schema);
+    }
+
+    fn cel_errors(spec: serde_json::Value) -> String {
+        match validate_cel(&model(spec)) {
+            Ok(()) => String::new(),
+            Err(errors) => format!("{errors:?}"),
+        }
+    }
+
+    #[test]
+    fn cel_accepts_valid_models() {
+        assert_eq!(cel_errors(json!({})), "");
+        assert_eq!(cel_errors(json!({"precision": "fp16"})), "");
+        assert_eq!(
+            cel_errors(json!({"precision": "fp16", "device": "gpu", "gpu": {"count": 2}})),
+            ""
+        );
+        assert_eq!(
+            cel_errors(json!({"precision": "fp32", "device": "gpu", "gpu": {"count": 1}})),
+            ""
+        );
+    }
+
+    #[test]
+    fn cel_rejects_what_cannot_be_served() {
+        let cases = [
+            (
+                json!({"precision": "fp16", "device": "cpu"}),
+                "fp16 requires device gpu",
+            ),
+            (
+                json!({"precision": "int8", "device": "gpu"}),
+                "int8 and int4 run on device cpu only",
+            ),
+            (
+                json!({"precision": "int4", "device": "gpu"}),
+                "int8 and int4 run on device cpu only",
+            ),
+            (
+                json!({"precision": "int8", "gpu": {"count": 1}}),
+                "spec.gpu is only allowed with device gpu",
+            ),
+            (json!({"replicas": -1}), "replicas must not be negative"),
+            (
+                json!({"precision": "fp16", "gpu": {"count": 0}}),
+                "gpu.count must be at least 1",
+            ),
+            (
+                json!({"image": {"tag": "t", "digest": format!("sha256:{}", "0".repeat(64))}}),
+                "at most one of image.tag",
+            ),
+            (
+                json!({"service": {"port": 70000}}),
+                "service.port must be a TCP port",
+            ),
+            (
+                json!({"rollout": {"progressDeadlineSeconds": 0}}),
+                "progressDeadlineSeconds must be positive",
+            ),
+            (json!({"model": {"name": "a..b"}}), "must not contain '..'"),
+        ];
+        for (spec, message) in cases {
+            let errors = cel_errors(spec.clone());
+            assert!(
+                errors.contains(message),
+                "{spec}: expected {message:?}, got {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cel_limits_the_name_so_children_fit() {
+        let mut qm = model(json!({}));
+        qm.metadata.name = Some("a".repeat(MAX_NAME_LENGTH));
+        assert!(validate_cel(&qm).is_ok());
+        qm.metadata.name = Some("a".repeat(MAX_NAME_LENGTH + 1));
+        assert!(format!("{:?}", validate_cel(&qm).unwrap_err()).contains("DNS-1035"));
+        qm.metadata.name = Some("9lives".to_owned());
+        assert!(
+            validate_cel(&qm).is_err(),
+            "a Service name must start with a letter"
+        );
+    }
+}

@@ -1,0 +1,571 @@
+//! Status: pure functions from what the controller observed to the `QuantizedModel` status, and
+//! from a status change to the Events worth publishing.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::events::{Event, EventType};
+
+use crate::crd::{QuantizedModel, QuantizedModelStatus};
+use crate::resources::{DesiredState, SpecError};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+const INVALID_SPEC: &str = "InvalidSpec";
+const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+const ROLLING_OUT: &str = "RollingOut";
+
+/// What one reconcile saw.
+pub enum Observation<'a> {
+    /// The spec cannot be served; nothing was applied.
+    Invalid(&'a SpecError),
+    /// The desired objects were applied; `deployment` is the Deployment as the API server
+    /// returned it.
+    Applied {
+        desired: &'a DesiredState,
+        deployment: &'a Deployment,
+    },
+}
+
+/// Where a Deployment's rollout stands, judged as `kubectl rollout status` does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    InProgress(String),
+    Stalled(String),
+    Complete,
+}
+
+pub fn rollout(deployment: &Deployment) -> Rollout {
+    let status = deployment.status.clone().unwrap_or_default();
+    let generation = deployment.metadata.generation.unwrap_or_default();
+    if status.observed_generation.unwrap_or_default() < generation {
+        return Rollout::InProgress(format!(
+            "waiting for the Deployment controller to observe generation {generation}"
+        ));
+    }
+    let progressing = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing");
+    if let Some(stalled) =
+        progressing.filter(|c| c.reason.as_deref() == Some(PROGRESS_DEADLINE_EXCEEDED))
+    {
+        return Rollout::Stalled(stalled.message.clone().unwrap_or_default());
+    }
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let replicas = status.replicas.unwrap_or_default();
+    let updated = status.updated_replicas.unwrap_or_default();
+    let available = status.available_replicas.unwrap_or_default();
+    if updated < desired {
+        Rollout::InProgress(format!("{updated} of {desired} replicas updated"))
+    } else if replicas > updated {
+        Rollout::InProgress(format!(
+            "{} old replicas pending termination",
+            replicas - updated
+        ))
+    } else if available < updated {
+        Rollout::InProgress(format!(
+            "{available} of {updated} updated replicas available"
+        ))
+    } else {
+        Rollout::Complete
+    }
+}
+
+/// A ReplicaFailure condition of the Deployment (quota exceeded, forbidden pod spec, ...).
+fn replica_failure(deployment: &Deployment) -> Option<(String, String)> {
+    let conditions = deployment.status.as_ref()?.conditions.as_ref()?;
+    let failure = conditions
+        .iter()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")?;
+    Some((
+        failure
+            .reason
+            .clone()
+            .unwrap_or_else(|| "ReplicaFailure".to_owned()),
+        failure.message.clone().unwrap_or_default(),
+    ))
+}
+
+/// The status after this reconcile. Condition transition times and the last fully rolled-out
+/// version carry over from the previous status.
+pub fn status(
+    model: &QuantizedModel,
+    observation: &Observation,
+    now: &Time,
+) -> QuantizedModelStatus {
+    let previous = model.status.clone().unwrap_or_default();
+    let generation = model.metadata.generation;
+    let condition = |type_: &str, status: bool, reason: &str, message: String| {
+        let status = if status { "True" } else { "False" };
+        let unchanged = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status);
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time: unchanged
+                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone()),
+        }
+    };
+    let version = model.spec.model.version.clone();
+
+    match observation {
+        Observation::Invalid(error) => QuantizedModelStatus {
+            observed_generation: generation,
+            conditions: vec![
+                condition(READY, false, INVALID_SPEC, error.to_string()),
+                condition(
+                    PROGRESSING,
+                    false,
+                    INVALID_SPEC,
+                    "the spec cannot be served".to_owned(),
+                ),
+                condition(DEGRADED, true, INVALID_SPEC, error.to_string()),
+            ],
+            ..previous
+        },
+        Observation::Applied {
+            desired,
+            deployment,
+        } => {
+            let deployment_status = deployment.status.clone().unwrap_or_default();
+            let replicas = deployment
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .unwrap_or(1);
+            let rollout = rollout(deployment);
+            let (ready, ready_reason, ready_message) = match &rollout {
+                Rollout::Complete if replicas == 0 => {
+                    (false, "ScaledToZero", "no replicas requested".to_owned())
+                }
+                Rollout::Complete => (
+                    true,
+                    "Available",
+                    format!("{replicas} replicas serve version {version}"),
+                ),
+                Rollout::InProgress(message) => (false, ROLLING_OUT, message.clone()),
+                Rollout::Stalled(message) => (false, PROGRESS_DEADLINE_EXCEEDED, message.clone()),
+            };
+            let progressing = match &rollout {
+                Rollout::InProgress(message) => {
+                    condition(PROGRESSING, true, ROLLING_OUT, message.clone())
+                }
+                Rollout::Stalled(message) => condition(
+                    PROGRESSING,
+                    false,
+                    PROGRESS_DEADLINE_EXCEEDED,
+                    message.clone(),
+                ),
+                Rollout::Complete => condition(
+                    PROGRESSING,
+                    false,
+                    "RolloutComplete",
+                    format!("version {version} rolled out"),
+                ),
+            };
+            let degraded = match (&rollout, replica_failure(deployment)) {
+                (Rollout::Stalled(message), _) => {
+                    condition(DEGRADED, true, PROGRESS_DEADLINE_EXCEEDED, message.clone())
+                }
+                (_, Some((reason, message))) => condition(DEGRADED, true, &reason, message),
+                (_, None) => condition(DEGRADED, false, "AsExpected", String::new()),
+            };
+            QuantizedModelStatus {
+                observed_generation: generation,
+                conditions: vec![
+                    condition(READY, ready, ready_reason, ready_message),
+                    progressing,
+                    degraded,
+                ],
+                replicas: deployment_status.replicas.unwrap_or_default(),
+                ready_replicas: deployment_status.ready_replicas.unwrap_or_default(),
+                updated_replicas: deployment_status.updated_replicas.unwrap_or_default(),
+                current_version: if rollout == Rollout::Complete {
+                    Some(version.clone())
+                } else {
+                    previous.current_version
+                },
+                desired_version: Some(version),
+                image: Some(desired.image.clone()),
+                device: Some(desired.device.as_str().to_owned()),
+                endpoint: Some(desired.endpoint.clone()),
+                selector: Some(desired.selector.clone()),
+            }
+        }
+    }
+}
+
+fn find<'a>(status: &'a QuantizedModelStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn event(type_: EventType, reason: &str, note: String) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    }
+}
+
+/// Events for what changed between two statuses, so steady-state reconciles publish nothing.
+pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) -> Vec<Event> {
+    let empty = QuantizedModelStatus::default();
+    let old = old.unwrap_or(&empty);
+    let mut events = Vec::new();
+    let invalid = find(new, DEGRADED).is_some_and(|c| c.reason == INVALID_SPEC);
+    let serving = new.image.is_some() && !invalid;
+
+    if serving && old.image.is_none() {
+        events.push(event(
+            EventType::Normal,
+            "Created",
+            format!(
+                "serving {} at {}",
+                new.image.as_deref().unwrap_or_default(),
+                new.endpoint.as_deref().unwrap_or_default()
+            ),
+        ));
+    } else if serving && old.observed_generation != new.observed_generation {
+        events.push(event(
+            EventType::Normal,
+            "Updated",
+            format!(
+                "applied generation {}",
+                new.observed_generation.unwrap_or_default()
+            ),
+        ));
+    }
+    if let (Some(from), Some(to)) = (&old.desired_version, &new.desired_version)
+        && from != to
+        && serving
+    {
+        events.push(event(
+            EventType::Normal,
+            "RolloutStarted",
+            format!("rolling out version {to} (from {from})"),
+        ));
+    }
+    if let Some(current) = new
+        .current_version
+        .as_ref()
+        .filter(|v| old.current_version.as_ref() != Some(*v))
+    {
+        events.push(event(
+            EventType::Normal,
+            "RolloutFinished",
+            format!(
+                "all {} replicas run version {current}",
+                new.updated_replicas
+            ),
+        ));
+    }
+    if let Some(degraded) = find(new, DEGRADED).filter(|c| c.status == "True") {
+        let already_reported = find(old, DEGRADED).is_some_and(|c| {
+            c.status == "True" && c.reason == degraded.reason && c.message == degraded.message
+        });
+        if !already_reported {
+            let reason = match degraded.reason.as_str() {
+                INVALID_SPEC => "InvalidSpec",
+                PROGRESS_DEADLINE_EXCEEDED => "RolloutStalled",
+                _ => "ReplicaFailure",
+            };
+            events.push(event(EventType::Warning, reason, degraded.message.clone()));
+        }
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::OperatorConfig;
+    use crate::resources::desired_state;
+    use crate::testing::model;
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    /// The applied Deployment of `qm` with the given generation and status.
+    fn applied(
+        qm: &QuantizedModel,
+        generation: i64,
+        status: DeploymentStatus,
+    ) -> (DesiredState, Deployment) {
+        let desired = desired_state(qm, &OperatorConfig::default()).unwrap();
+        let mut deployment = desired.deployment.clone();
+        deployment.metadata.generation = Some(generation);
+        deployment.status = Some(status);
+        (desired, deployment)
+    }
+
+    fn deployment_status(
+        observed: i64,
+        replicas: i32,
+        updated: i32,
+        available: i32,
+    ) -> DeploymentStatus {
+        DeploymentStatus {
+            observed_generation: Some(observed),
+            replicas: Some(replicas),
+            updated_replicas: Some(updated),
+            ready_replicas: Some(available),
+            available_replicas: Some(available),
+            ..DeploymentStatus::default()
+        }
+    }
+
+    fn observe(qm: &QuantizedModel, status: DeploymentStatus, now: &Time) -> QuantizedModelStatus {
+        let (desired, deployment) = applied(qm, 2, status);
+        super::status(
+            qm,
+            &Observation::Applied {
+                desired: &desired,
+                deployment: &deployment,
+            },
+            now,
+        )
+    }
+
+    fn condition<'a>(status: &'a QuantizedModelStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = find(status, type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    fn reasons(events: &[Event]) -> Vec<&str> {
+        events.iter().map(|e| e.reason.as_str()).collect()
+    }
+
+    #[test]
+    fn rollout_follows_kubectl_rollout_status() {
+        let qm = model(json!({"replicas": 3}));
+        let judge = |status| rollout(&applied(&qm, 2, status).1);
+        assert!(
+            matches!(judge(deployment_status(1, 3, 3, 3)), Rollout::InProgress(m) if m.contains("generation 2"))
+        );
+        assert_eq!(
+            judge(deployment_status(2, 4, 1, 3)),
+            Rollout::InProgress("1 of 3 replicas updated".into())
+        );
+        assert_eq!(
+            judge(deployment_status(2, 4, 3, 3)),
+            Rollout::InProgress("1 old replicas pending termination".into())
+        );
+        assert_eq!(
+            judge(deployment_status(2, 3, 3, 2)),
+            Rollout::InProgress("2 of 3 updated replicas available".into())
+        );
+        assert_eq!(judge(deployment_status(2, 3, 3, 3)), Rollout::Complete);
+    }
+
+    #[test]
+    fn new_model_progresses_then_becomes_ready() {
+        let qm = model(json!({"replicas": 2}));
+        let starting = observe(&qm, deployment_status(2, 2, 2, 0), &at(100));
+        assert_eq!(condition(&starting, READY), ("False", ROLLING_OUT));
+        assert_eq!(condition(&starting, PROGRESSING), ("True", ROLLING_OUT));
+        assert_eq!(condition(&starting, DEGRADED), ("False", "AsExpected"));
+        assert_eq!(starting.current_version, None);
+        assert_eq!(starting.desired_version.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            starting.endpoint.as_deref(),
+            Some("http://bge.ml.svc.cluster.local:8080")
+        );
+        assert_eq!(starting.device.as_deref(), Some("cpu"));
+        assert_eq!(starting.observed_generation, Some(1));
+        assert!(
+            starting
+                .conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(1))
+        );
+        assert_eq!(reasons(&events(None, &starting)), ["Created"]);
+
+        let mut qm = qm;
+        qm.status = Some(starting.clone());
+        let ready = observe(&qm, deployment_status(2, 2, 2, 2), &at(200));
+        assert_eq!(condition(&ready, READY), ("True", "Available"));
+        assert_eq!(condition(&ready, PROGRESSING), ("False", "RolloutComplete"));
+        assert_eq!(ready.current_version.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            (ready.replicas, ready.ready_replicas, ready.updated_replicas),
+            (2, 2, 2)
+        );
+        assert_eq!(find(&ready, READY).unwrap().last_transition_time, at(200));
+        assert_eq!(
+            find(&ready, DEGRADED).unwrap().last_transition_time,
+            at(100),
+            "unchanged condition keeps its time"
+        );
+        assert_eq!(
+            reasons(&events(Some(&starting), &ready)),
+            ["RolloutFinished"]
+        );
+
+        qm.status = Some(ready.clone());
+        let again = observe(&qm, deployment_status(2, 2, 2, 2), &at(300));
+        assert_eq!(again, ready, "a steady state yields an identical status");
+        assert!(events(Some(&ready), &again).is_empty());
+    }
+
+    #[test]
+    fn version_rollout_keeps_current_version_until_complete() {
+        let mut qm = model(json!({"replicas": 2, "model": {"version": "2.0.0"}}));
+        qm.metadata.generation = Some(2);
+        let before = QuantizedModelStatus {
+            observed_generation: Some(1),
+            current_version: Some("1.0.0".into()),
+            desired_version: Some("1.0.0".into()),
+            image: Some("ghcr.io/qmodel/qmodel-server:1.0.0-int8".into()),
+            ..QuantizedModelStatus::default()
+        };
+        qm.status = Some(before.clone());
+        let rolling = observe(&qm, deployment_status(2, 3, 1, 2), &at(10));
+        assert_eq!(condition(&rolling, PROGRESSING), ("True", ROLLING_OUT));
+        assert_eq!(rolling.current_version.as_deref(), Some("1.0.0"));
+        assert_eq!(rolling.desired_version.as_deref(), Some("2.0.0"));
+        assert_eq!(
+            rolling.image.as_deref(),
+            Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8")
+        );
+        assert_eq!(
+            reasons(&events(Some(&before), &rolling)),
+            ["Updated", "RolloutStarted"]
+        );
+
+        qm.status = Some(rolling.clone());
+        let done = observe(&qm, deployment_status(2, 2, 2, 2), &at(20));
+        assert_eq!(done.current_version.as_deref(), Some("2.0.0"));
+        assert_eq!(condition(&done, READY), ("True", "Available"));
+        assert_eq!(reasons(&events(Some(&rolling), &done)), ["RolloutFinished"]);
+    }
+
+    #[test]
+    fn stalled_rollout_is_degraded_with_the_deployment_reason() {
+        let mut qm = model(json!({"model": {"version": "2.0.0"}}));
+        qm.status = Some(QuantizedModelStatus {
+            observed_generation: Some(1),
+            current_version: Some("1.0.0".into()),
+            desired_version: Some("2.0.0".into()),
+            image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
+            ..QuantizedModelStatus::default()
+        });
+        let mut stuck = deployment_status(2, 2, 1, 1);
+        stuck.conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some(PROGRESS_DEADLINE_EXCEEDED.into()),
+            message: Some(r#"ReplicaSet "bge-7c9" has timed out progressing."#.into()),
+            ..DeploymentCondition::default()
+        }]);
+        let stalled = observe(&qm, stuck, &at(10));
+        assert_eq!(
+            condition(&stalled, DEGRADED),
+            ("True", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert_eq!(
+            condition(&stalled, PROGRESSING),
+            ("False", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert_eq!(
+            condition(&stalled, READY),
+            ("False", PROGRESS_DEADLINE_EXCEEDED)
+        );
+        assert!(
+            find(&stalled, DEGRADED)
+                .unwrap()
+                .message
+                .contains("timed out progressing")
+        );
+        assert_eq!(
+            stalled.current_version.as_deref(),
+            Some("1.0.0"),
+            "the old version keeps serving"
+        );
+        let published = events(qm.status.as_ref(), &stalled);
+        assert_eq!(reasons(&published), ["RolloutStalled"]);
+        assert_eq!(published[0].type_, EventType::Warning);
+        assert!(events(Some(&stalled), &stalled).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn replica_failure_is_degraded() {
+        let qm = model(json!({}));
+        let mut failing = deployment_status(2, 0, 0, 0);
+        failing.conditions = Some(vec![DeploymentCondition {
+            type_: "ReplicaFailure".into(),
+            status: "True".into(),
+            reason: Some("FailedCreate".into()),
+            message: Some("exceeded quota".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let status = observe(&qm, failing, &at(10));
+        assert_eq!(condition(&status, DEGRADED), ("True", "FailedCreate"));
+        assert_eq!(condition(&status, PROGRESSING), ("True", ROLLING_OUT));
+        assert!(reasons(&events(None, &status)).contains(&"ReplicaFailure"));
+    }
+
+    #[test]
+    fn scaled_to_zero_is_not_ready() {
+        let status = observe(
+            &model(json!({"replicas": 0})),
+            deployment_status(2, 0, 0, 0),
+            &at(10),
+        );
+        assert_eq!(condition(&status, READY), ("False", "ScaledToZero"));
+        assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+    }
+
+    #[test]
+    fn invalid_spec_sets_conditions_and_one_warning() {
+        let error = SpecError::GpuOnCpu;
+        let qm = model(json!({}));
+        let status = super::status(&qm, &Observation::Invalid(&error), &at(10));
+        assert_eq!(condition(&status, READY), ("False", INVALID_SPEC));
+        assert_eq!(condition(&status, PROGRESSING), ("False", INVALID_SPEC));
+        assert_eq!(condition(&status, DEGRADED), ("True", INVALID_SPEC));
+        assert_eq!(find(&status, DEGRADED).unwrap().message, error.to_string());
+        assert_eq!(status.image, None);
+        let published = events(None, &status);
+        assert_eq!(reasons(&published), ["InvalidSpec"]);
+        assert_eq!(
+            published[0].note.as_deref(),
+            Some(error.to_string().as_str())
+        );
+        assert!(events(Some(&status), &status).is_empty());
+    }
+
+    #[test]
+    fn invalid_update_of_a_served_model_keeps_what_it_served() {
+        let mut qm = model(json!({}));
+        let serving = observe(&qm, deployment_status(2, 1, 1, 1), &at(10));
+        qm.status = Some(serving.clone());
+        qm.metadata.generation = Some(2);
+        let status = super::status(
+            &qm,
+            &Observation::Invalid(&SpecError::ZeroRolloutBudget),
+            &at(20),
+        );
+        assert_eq!(status.current_version, serving.current_version);
+        assert_eq!(status.endpoint, serving.endpoint);
+        assert_eq!(reasons(&events(Some(&serving), &status)), ["InvalidSpec"]);
+    }
+}

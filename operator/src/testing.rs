@@ -1,0 +1,34 @@
+//! Fixtures shared by the unit tests.
+
+use serde_json::{Value, json};
+
+use crate::crd::QuantizedModel;
+
+/// A stored model (name, namespace, uid and generation set) with `spec` merged over a minimal
+/// int8 embedding spec.
+pub fn model(spec: Value) -> QuantizedModel {
+    let mut base = json!({
+        "model": {"name": "bge-small", "version": "1.0.0", "task": "embed"},
+        "precision": "int8",
+    });
+    merge(&mut base, spec);
+    serde_json::from_value(json!({
+        "apiVersion": "serving.qmodel.dev/v1alpha1",
+        "kind": "QuantizedModel",
+        "metadata": {"name": "bge", "namespace": "ml", "uid": "0b9e-uid", "generation": 1},
+        "spec": base,
+    }))
+    .expect("fixture is a valid QuantizedModel")
+}
+
+/// JSON merge of `patch` into `base`: objects merge key by key, anything else replaces.
+pub fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, patch) => *base = patch,
+    }
+}
