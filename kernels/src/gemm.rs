@@ -236,8 +236,11 @@ fn quantize_rows(path: Path, x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32])
     }
 }
 
+/// Quantizes rows with `T`-wide vectors. Bit-identical to
+/// `weight::quantize_row_i8` (same IEEE operations per element), then stores
+/// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding).
 #[inline(always)]
-fn quantize_generic(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], offset: bool) {
+unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], xor: u8) {
     let k4 = k4_of(k);
     if k == 0 {
         sx.fill(0.0);
@@ -248,15 +251,44 @@ fn quantize_generic(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], offset: 
         .zip(qa.chunks_exact_mut(k4))
         .zip(sx.iter_mut())
     {
-        // SAFETY: i8 and u8 have the same layout.
-        let qi = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut i8, k) };
-        *s = quantize_row_i8(row, qi);
-        if offset {
-            q.iter_mut().for_each(|b| *b ^= 0x80);
-        } else {
-            q[k..].fill(0);
+        let (p, qp) = (row.as_ptr(), q.as_mut_ptr());
+        unsafe {
+            let mut m = T::splat(0.0);
+            let mut i = 0;
+            while i + T::W <= k {
+                m = m.max(T::load(p.add(i)).abs());
+                i += T::W;
+            }
+            if i < k {
+                m = m.max(T::load_part(p.add(i), k - i, 0.0).abs());
+            }
+            let amax = m.hmax();
+            if amax == 0.0 || !amax.is_finite() {
+                q.fill(xor);
+                *s = if amax == 0.0 { 0.0 } else { f32::NAN };
+                continue;
+            }
+            let inv = T::splat(127.0 / amax);
+            let (lo, hi) = (T::splat(-127.0), T::splat(127.0));
+            let quant = |v: T| v.mul(inv).round_even().max(lo).min(hi);
+            i = 0;
+            while i + T::W <= k {
+                quant(T::load(p.add(i))).store_i8(qp.add(i), xor);
+                i += T::W;
+            }
+            if i < k {
+                let mut tmp = [0u8; 16];
+                quant(T::load_part(p.add(i), k - i, 0.0)).store_i8(tmp.as_mut_ptr(), xor);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), qp.add(i), k - i);
+            }
+            q[k..].fill(xor);
+            *s = amax / 127.0;
         }
     }
+}
+
+fn quantize_generic(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], offset: bool) {
+    unsafe { quantize_v::<f32>(x, k, qa, sx, if offset { 0x80 } else { 0 }) }
 }
 
 /// Splits the GEMM into tasks and runs them. `quant(r0, r1)` fills the
@@ -427,11 +459,11 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_avx512(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
-        quantize_generic(x, k, qa, sx, true)
+        unsafe { quantize_v::<F512>(x, k, qa, sx, 0x80) }
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn quantize_avx2(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
-        quantize_generic(x, k, qa, sx, false)
+        unsafe { quantize_v::<F256>(x, k, qa, sx, 0) }
     }
 
     // ---------------- AVX-512 VNNI ----------------

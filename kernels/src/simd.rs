@@ -51,6 +51,8 @@ pub(crate) trait V: Copy {
     fn select_lt(self, o: Self, t: Self, f: Self) -> Self;
     fn hsum(self) -> f32;
     fn hmax(self) -> f32;
+    /// Stores integral lanes in [-127, 127] as bytes `(v as i8) ^ xor`.
+    unsafe fn store_i8(self, p: *mut u8, xor: u8);
     #[inline(always)]
     fn round_even(self) -> Self {
         let m = Self::splat(ROUND_MAGIC);
@@ -117,6 +119,10 @@ impl V for f32 {
     #[inline(always)]
     fn hmax(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    unsafe fn store_i8(self, p: *mut u8, xor: u8) {
+        unsafe { *p = (self as i32 as i8 as u8) ^ xor }
     }
 }
 
@@ -217,6 +223,16 @@ mod x86 {
         fn hmax(self) -> f32 {
             unsafe { _mm512_reduce_max_ps(self.0) }
         }
+        #[inline(always)]
+        unsafe fn store_i8(self, p: *mut u8, xor: u8) {
+            unsafe {
+                let b = _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(self.0));
+                _mm_storeu_si128(
+                    p as *mut __m128i,
+                    _mm_xor_si128(b, _mm_set1_epi8(xor as i8)),
+                );
+            }
+        }
     }
 
     impl V for F256 {
@@ -301,6 +317,16 @@ mod x86 {
                 let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
                 _mm_cvtss_f32(s)
+            }
+        }
+        #[inline(always)]
+        unsafe fn store_i8(self, p: *mut u8, xor: u8) {
+            unsafe {
+                let i = _mm256_cvttps_epi32(self.0);
+                let w =
+                    _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
+                let b = _mm_xor_si128(_mm_packs_epi16(w, w), _mm_set1_epi8(xor as i8));
+                _mm_storel_epi64(p as *mut __m128i, b);
             }
         }
     }
