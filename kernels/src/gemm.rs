@@ -313,8 +313,13 @@ fn run_tiled(
         tile_dispatch(exec.path, a.get() as *const u8, w, r0, r1, p0, p1, out)
     };
     if threads == 1 {
-        quant(0, rows);
-        tile(0, rows, 0, np);
+        // Row blocks keep the quantized block (<= 64 x K bytes) in L2 while
+        // every weight panel streams past it.
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(rows);
+            quant(r0, r1);
+            tile(r0, r1, 0, np);
+        }
         return;
     }
     let n_rb = rows.div_ceil(ROW_BLOCK);

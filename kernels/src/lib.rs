@@ -59,7 +59,7 @@ pub use ops::{
     exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
     layer_norm_rows_with, softmax_rows_inplace, softmax_rows_inplace_with,
 };
-pub use pool::{DEFAULT_SPIN_ITERS, ThreadPool};
+pub use pool::{DEFAULT_SPIN, ThreadPool};
 pub use weight::{
     FormatError, KGROUP, LAYOUT_VERSION, MAX_IN_FEATURES, PANEL, QuantizedWeight, WeightView,
 };

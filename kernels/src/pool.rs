@@ -11,6 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 type TaskFn = dyn Fn(usize) + Sync;
 
@@ -38,7 +39,7 @@ struct Inner {
     done_lock: Mutex<()>,
     done_cv: Condvar,
     panicked: AtomicBool,
-    spin_iters: u32,
+    spin: Duration,
 }
 
 /// See the module docs.
@@ -49,20 +50,40 @@ pub struct ThreadPool {
     threads: usize,
 }
 
-/// Default spin before a worker parks: roughly 10-30 us, enough to catch the
-/// next layer's matmul without a futex wake-up, short enough not to matter
-/// to whoever else needs the core.
-pub const DEFAULT_SPIN_ITERS: u32 = 20_000;
+/// Default spin before a worker parks (and before the caller parks waiting
+/// for workers): enough to catch the next layer's matmul without a futex
+/// wake-up, short enough not to matter to whoever else needs the core.
+/// Time-based: a `pause` costs ~10 to ~140 cycles depending on the CPU.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(30);
+
+/// Spins until `done()` or `limit` elapsed; returns `done()`.
+fn spin_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    if limit.is_zero() {
+        return done();
+    }
+    let start = Instant::now();
+    loop {
+        for _ in 0..32 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() >= limit {
+            return done();
+        }
+    }
+}
 
 impl ThreadPool {
     /// A pool using `threads` threads in total (the caller plus `threads - 1`
     /// workers). `threads` is clamped to at least 1.
     pub fn new(threads: usize) -> Self {
-        Self::with_spin(threads, DEFAULT_SPIN_ITERS)
+        Self::with_spin(threads, DEFAULT_SPIN)
     }
 
-    /// Like [`ThreadPool::new`] with an explicit spin count (0 = park at once).
-    pub fn with_spin(threads: usize, spin_iters: u32) -> Self {
+    /// Like [`ThreadPool::new`] with an explicit spin time (zero = park at once).
+    pub fn with_spin(threads: usize, spin: Duration) -> Self {
         let threads = threads.max(1);
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
@@ -76,7 +97,7 @@ impl ThreadPool {
             done_lock: Mutex::new(()),
             done_cv: Condvar::new(),
             panicked: AtomicBool::new(false),
-            spin_iters,
+            spin,
         });
         let handles = (1..threads)
             .map(|i| {
@@ -152,12 +173,7 @@ impl ThreadPool {
         };
         work(inner, generation, job);
         // Wait for tasks claimed by workers.
-        let mut spins = 0u32;
-        while inner.done.load(Ordering::Acquire) < n_tasks && spins < inner.spin_iters {
-            std::hint::spin_loop();
-            spins += 1;
-        }
-        if inner.done.load(Ordering::Acquire) < n_tasks {
+        if !spin_until(inner.spin, || inner.done.load(Ordering::Acquire) >= n_tasks) {
             let mut g = inner.done_lock.lock().unwrap();
             while inner.done.load(Ordering::Acquire) < n_tasks {
                 g = inner.done_cv.wait(g).unwrap();
@@ -200,12 +216,9 @@ fn work(inner: &Inner, generation: u32, job: Job) {
 fn worker(inner: &Inner) {
     let mut seen = 0u32;
     loop {
-        let mut spins = 0;
-        while spins < inner.spin_iters && (inner.claim.load(Ordering::Acquire) >> 32) as u32 == seen
-        {
-            std::hint::spin_loop();
-            spins += 1;
-        }
+        spin_until(inner.spin, || {
+            (inner.claim.load(Ordering::Acquire) >> 32) as u32 != seen
+        });
         let job = {
             let mut st = inner.state.lock().unwrap();
             while st.generation == seen && !st.shutdown {
