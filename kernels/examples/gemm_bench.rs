@@ -11,12 +11,16 @@ use qmodel_kernels::{Activation, Exec, Path, QuantizedWeight, ThreadPool, linear
 use std::hint::black_box;
 use std::time::Instant;
 
+fn min(v: Vec<f64>) -> f64 {
+    v.into_iter().fold(f64::INFINITY, f64::min)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-/// Seconds per call, median over `reps`, each rep >= ~`min_s` long.
+/// Seconds per call for each of `reps` reps, each rep >= ~`min_s` long.
 fn time_reps(reps: usize, min_s: f64, mut f: impl FnMut()) -> Vec<f64> {
     let t = Instant::now();
     f();
@@ -37,12 +41,12 @@ fn time_reps(reps: usize, min_s: f64, mut f: impl FnMut()) -> Vec<f64> {
 mod peak {
     use std::arch::x86_64::*;
 
-    /// 12 independent vpdpbusd chains: 12 * 64 MAC = 1536 ops per iteration.
+    /// 24 independent vpdpbusd chains (covers latency x throughput): 24 * 64 MAC * 2 ops per iteration.
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn vnni(iters: usize, seed: i32) -> i32 {
         let a = _mm512_set1_epi32(seed);
         let b = _mm512_set1_epi32(seed ^ 0x0101);
-        let mut acc = [_mm512_setzero_si512(); 12];
+        let mut acc = [_mm512_setzero_si512(); 24];
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm512_dpbusd_epi32(*x, a, b);
@@ -54,14 +58,14 @@ mod peak {
         }
         _mm512_reduce_add_epi32(s)
     }
-    pub const VNNI_OPS_PER_ITER: f64 = 12.0 * 64.0 * 2.0;
+    pub const VNNI_OPS_PER_ITER: f64 = 24.0 * 64.0 * 2.0;
 
-    /// 12 independent zmm FMA chains: 12 * 16 * 2 = 384 flops per iteration.
+    /// 24 independent zmm FMA chains: 24 * 16 * 2 flops per iteration.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn fma(iters: usize, seed: f32) -> f32 {
         let a = _mm512_set1_ps(seed);
         let b = _mm512_set1_ps(0.999);
-        let mut acc = [_mm512_setzero_ps(); 12];
+        let mut acc = [_mm512_setzero_ps(); 24];
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm512_fmadd_ps(*x, b, a);
@@ -73,7 +77,7 @@ mod peak {
         }
         _mm512_reduce_add_ps(s)
     }
-    pub const FMA_FLOPS_PER_ITER: f64 = 12.0 * 16.0 * 2.0;
+    pub const FMA_FLOPS_PER_ITER: f64 = 24.0 * 16.0 * 2.0;
 
     /// Dependent chain of 1-cycle adds: 10 per iteration.
     pub fn clock_chain(iters: u64) -> u64 {
@@ -102,24 +106,30 @@ struct Peak {
 
 #[cfg(target_arch = "x86_64")]
 fn measure_peak(reps: usize) -> Peak {
-    let n = 200_000_000u64;
-    let ghz = median(time_reps(reps, 0.05, || {
-        black_box(peak::clock_chain(black_box(n / 10)));
-    }))
-    .recip()
-        * (n as f64)
-        / 1e9;
-    let (vnni, fma) = if Path::Avx512Vnni.is_supported() {
-        let it = 2_000_000;
-        let v = median(time_reps(reps, 0.05, || {
-            black_box(unsafe { peak::vnni(it, black_box(3)) });
+    // Capability figures: best (min-time) of interleaved reps, since the
+    // machine is shared and a median would measure the neighbours.
+    let n = 100_000_000u64;
+    let it = 1_000_000;
+    let has = Path::Avx512Vnni.is_supported();
+    let (mut tc, mut tv, mut tf) = (vec![], vec![], vec![]);
+    for _ in 0..reps.max(5) {
+        tc.extend(time_reps(1, 0.03, || {
+            black_box(peak::clock_chain(black_box(n / 10)));
         }));
-        let f = median(time_reps(reps, 0.05, || {
-            black_box(unsafe { peak::fma(it, black_box(1.0)) });
-        }));
+        if has {
+            tv.extend(time_reps(1, 0.03, || {
+                black_box(unsafe { peak::vnni(it, black_box(3)) });
+            }));
+            tf.extend(time_reps(1, 0.03, || {
+                black_box(unsafe { peak::fma(it, black_box(1.0)) });
+            }));
+        }
+    }
+    let ghz = n as f64 / min(tc) / 1e9;
+    let (vnni, fma) = if has {
         (
-            peak::VNNI_OPS_PER_ITER * it as f64 / v / 1e9,
-            peak::FMA_FLOPS_PER_ITER * it as f64 / f / 1e9,
+            peak::VNNI_OPS_PER_ITER * it as f64 / min(tv) / 1e9,
+            peak::FMA_FLOPS_PER_ITER * it as f64 / min(tf) / 1e9,
         )
     } else {
         (f64::NAN, f64::NAN)
@@ -172,6 +182,52 @@ fn f32_gemm(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32],
     }
 }
 
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// One rep: (wall s/call, calling-thread CPU s/call), calls repeated to >= `min_s`.
+fn rep(min_s: f64, mut f: impl FnMut()) -> (f64, f64) {
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-7);
+    let inner = ((min_s / once).ceil() as usize).clamp(1, 100_000);
+    let (t, c) = (Instant::now(), thread_cpu_s());
+    for _ in 0..inner {
+        f();
+    }
+    (
+        t.elapsed().as_secs_f64() / inner as f64,
+        (thread_cpu_s() - c) / inner as f64,
+    )
+}
+
+#[derive(Default)]
+struct Samples {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+impl Samples {
+    fn push(&mut self, (w, c): (f64, f64)) {
+        self.wall.push(w);
+        self.cpu.push(c);
+    }
+    fn med(&self) -> f64 {
+        median(self.wall.clone())
+    }
+    fn best(&self) -> f64 {
+        min(self.wall.clone())
+    }
+    fn cpu_med(&self) -> f64 {
+        median(self.cpu.clone())
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = args
@@ -190,43 +246,51 @@ fn main() {
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
+    let mhz: f64 = field("cpu MHz").parse().unwrap_or(f64::NAN);
     println!(
-        "CPU: {} (family {}, model {}), /proc/cpuinfo MHz {}, {} logical CPUs",
+        "CPU: {} (family {}, model {}), /proc/cpuinfo {mhz} MHz, {} logical CPUs, loadavg {}",
         field("model name"),
         field("cpu family"),
         field("model\t"),
-        field("cpu MHz"),
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     println!(
-        "supported paths: {:?}; reps per point: {reps} (median)",
+        "supported paths: {:?}; {reps} interleaved reps per point",
         Path::supported()
     );
     let pk = measure_peak(reps);
-    let vnni_per_cycle = pk.vnni_gops_1t / pk.ghz / 128.0;
-    let fma_per_cycle = pk.fma_gflops_1t / pk.ghz / 32.0;
     println!(
-        "measured: clock ~{:.2} GHz (dependent-add chain); 1-core peak vpdpbusd zmm {:.0} GOP/s \
-         (= {:.2} instr/cycle), zmm FMA {:.0} GFLOP/s (= {:.2} instr/cycle); INT8/F32 peak ratio {:.2}",
+        "measured (best of reps): clock ~{:.2} GHz (dependent-add chain); 1-core vpdpbusd zmm {:.0} GOP/s \
+         (= {:.2} instr/cycle at that clock), zmm FMA {:.0} GFLOP/s (= {:.2}/cycle); INT8/F32 peak ratio {:.2}",
         pk.ghz,
         pk.vnni_gops_1t,
-        vnni_per_cycle,
+        pk.vnni_gops_1t / pk.ghz / 128.0,
         pk.fma_gflops_1t,
-        fma_per_cycle,
+        pk.fma_gflops_1t / pk.ghz / 32.0,
         pk.vnni_gops_1t / pk.fma_gflops_1t
     );
     println!(
-        "theoretical: Zen 4 (double-pumped 512-bit): 1 vpdpbusd zmm/cycle = 128 OP/cycle/core; \
-         Zen 5 (full-width): 2/cycle = 256 OP/cycle/core -> at {:.2} GHz {:.0} / {:.0} GOP/s/core",
-        pk.ghz,
-        128.0 * pk.ghz,
-        256.0 * pk.ghz
+        "theoretical INT8 peak per core: Zen 4 (512-bit double-pumped, 1 vpdpbusd zmm/cycle) 128 OP/cycle, \
+         Zen 5 (full-width, 2/cycle) 256 OP/cycle -> at {:.2} GHz (cpuinfo) {:.0} / {:.0} GOP/s",
+        mhz / 1e3,
+        0.128 * mhz,
+        0.256 * mhz
     );
-    println!("%peak below = INT8 GOP/s / (measured 1-core vpdpbusd peak x threads)\n");
+    println!(
+        "GOP/s = 2*M*N*K / time. Wall time: median (best). %peak = best / (measured 1-core vpdpbusd peak x threads).\n\
+         cpu1 = 1-thread figures from the calling thread's CPU time (median): robust to the machine being shared.\n"
+    );
 
-    let ms: &[usize] = if quick { &[1, 128] } else { &[1, 128, 4096] };
+    let ms: &[usize] = if quick {
+        &[16, 128]
+    } else {
+        &[1, 16, 128, 4096]
+    };
     let shapes: &[(usize, usize, &str)] = &[
-        (384, 384, "attn out / Q"),
+        (384, 384, "attn out/Q"),
         (384, 1152, "fused QKV"),
         (384, 1536, "FFN up"),
         (1536, 384, "FFN down"),
@@ -236,16 +300,12 @@ fn main() {
     let has_avx2 = Path::Avx2.is_supported() && best != Path::Avx2;
 
     println!(
-        "| M | K->N | layer | thr | int8 {best} GOP/s | %peak | f32 gemm GFLOP/s | int8/f32 |{}",
-        if has_avx2 {
-            " int8 avx2 GOP/s | avx2/f32 |"
-        } else {
-            ""
-        }
+        "| M | K->N | layer | thr | int8 {best} GOP/s | %peak | f32 gemm GFLOP/s | int8/f32 | cpu1 int8 / f32 / ratio |{}",
+        if has_avx2 { " int8 avx2 GOP/s |" } else { "" }
     );
     println!(
-        "|---|---|---|---|---|---|---|---|{}",
-        if has_avx2 { "---|---|" } else { "" }
+        "|---|---|---|---|---|---|---|---|---|{}",
+        if has_avx2 { "---|" } else { "" }
     );
     let mut seed = 1u32;
     let mut rnd = move || {
@@ -261,11 +321,12 @@ fn main() {
             let b: Vec<f32> = (0..n).map(|_| rnd() * 0.1).collect();
             let qw = QuantizedWeight::from_f32(&w, n, k);
             let mut out = vec![0f32; m * n];
-            let ops = 2.0 * (m * n * k) as f64;
+            let gop = 2.0 * (m * n * k) as f64 / 1e9;
             let min_s = 0.02;
             for (ti, pool) in pools.iter().enumerate() {
                 let threads = ti + 1;
-                let (mut ti8, mut tf32, mut tavx2) = (vec![], vec![], vec![]);
+                let (mut si8, mut sf32, mut savx2) =
+                    (Samples::default(), Samples::default(), Samples::default());
                 let e = Exec { path: best, pool };
                 let e2 = Exec {
                     path: Path::Avx2,
@@ -273,31 +334,104 @@ fn main() {
                 };
                 // Interleave the engines so machine noise hits them alike.
                 for _ in 0..reps {
-                    ti8.extend(time_reps(1, min_s, || {
+                    si8.push(rep(min_s, || {
                         linear_with(&e, &x, m, &qw, Some(&b), Activation::None, &mut out)
                     }));
-                    tf32.extend(time_reps(1, min_s, || {
-                        f32_gemm(m, k, n, &x, &w, &mut out, threads)
-                    }));
+                    sf32.push(rep(min_s, || f32_gemm(m, k, n, &x, &w, &mut out, threads)));
                     if has_avx2 {
-                        tavx2.extend(time_reps(1, min_s, || {
+                        savx2.push(rep(min_s, || {
                             linear_with(&e2, &x, m, &qw, Some(&b), Activation::None, &mut out)
                         }));
                     }
                 }
-                let gi8 = ops / median(ti8) / 1e9;
-                let gf = ops / median(tf32) / 1e9;
-                let pct = 100.0 * gi8 / (pk.vnni_gops_1t * threads as f64);
+                let pct = 100.0 * gop / si8.best() / (pk.vnni_gops_1t * threads as f64);
+                let cpu1 = if threads == 1 {
+                    format!(
+                        "{:.0} / {:.0} / {:.1}x",
+                        gop / si8.cpu_med(),
+                        gop / sf32.cpu_med(),
+                        sf32.cpu_med() / si8.cpu_med()
+                    )
+                } else {
+                    "".into()
+                };
                 let mut line = format!(
-                    "| {m} | {k}->{n} | {name} | {threads} | {gi8:.0} | {pct:.0}% | {gf:.0} | {:.2}x |",
-                    gi8 / gf
+                    "| {m} | {k}->{n} | {name} | {threads} | {:.0} ({:.0}) | {pct:.0}% | {:.0} ({:.0}) | {:.1}x | {cpu1} |",
+                    gop / si8.med(),
+                    gop / si8.best(),
+                    gop / sf32.med(),
+                    gop / sf32.best(),
+                    sf32.med() / si8.med(),
                 );
                 if has_avx2 {
-                    let ga = ops / median(tavx2) / 1e9;
-                    line += &format!(" {ga:.0} | {:.2}x |", ga / gf);
+                    line += &format!(" {:.0} |", gop / savx2.med());
                 }
                 println!("{line}");
             }
         }
+    }
+
+    // Epilogue and helper costs, 1 thread.
+    println!();
+    let pool1 = &pools[0];
+    let (m, k, n) = (128, 384, 1536);
+    let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+    let w: Vec<f32> = (0..n * k).map(|_| rnd() * 0.05).collect();
+    let qw = QuantizedWeight::from_f32(&w, n, k);
+    let mut out = vec![0f32; m * n];
+    let e = Exec {
+        path: best,
+        pool: pool1,
+    };
+    let (mut a, mut g) = (Samples::default(), Samples::default());
+    for _ in 0..reps {
+        a.push(rep(0.02, || {
+            linear_with(&e, &x, m, &qw, None, Activation::None, &mut out)
+        }));
+        g.push(rep(0.02, || {
+            linear_with(&e, &x, m, &qw, None, Activation::Gelu, &mut out)
+        }));
+    }
+    println!(
+        "FFN up 128x384->1536, 1 thread (cpu time): plain {:.1} us, fused GELU {:.1} us (+{:.1} us for {} GELUs)",
+        a.cpu_med() * 1e6,
+        g.cpu_med() * 1e6,
+        (g.cpu_med() - a.cpu_med()) * 1e6,
+        m * n
+    );
+    let src: Vec<f32> = (0..128 * 1536).map(|_| rnd() * 4.0).collect();
+    let mut v = src.clone();
+    let mut c = Samples::default();
+    for _ in 0..reps.min(5) {
+        c.push(rep(0.01, || v.copy_from_slice(&src)));
+    }
+    let copy = c.cpu_med();
+    for path in Path::supported() {
+        let (mut sg, mut ss, mut sl) = (Samples::default(), Samples::default(), Samples::default());
+        let gamma = vec![1.0f32; 384];
+        let beta = vec![0.0f32; 384];
+        // Each call starts from the same input (repeated in-place GELU would
+        // walk into denormals); the copy's cost is subtracted.
+        for _ in 0..reps.min(5) {
+            sg.push(rep(0.01, || {
+                v.copy_from_slice(&src);
+                qmodel_kernels::gelu_inplace_with(path, &mut v)
+            }));
+            ss.push(rep(0.01, || {
+                v.copy_from_slice(&src);
+                qmodel_kernels::softmax_rows_inplace_with(path, &mut v, 128)
+            }));
+            sl.push(rep(0.01, || {
+                v.copy_from_slice(&src);
+                qmodel_kernels::layer_norm_rows_with(path, &mut v, &gamma, &beta, 1e-12)
+            }));
+        }
+        let me = v.len() as f64 / 1e6;
+        println!(
+            "helpers {path:>10} (cpu time, 196608 f32): gelu {:.0} Melem/s, softmax(128) {:.0} Melem/s, layer_norm(384) {:.0} Melem/s",
+            me / (sg.cpu_med() - copy),
+            me / (ss.cpu_med() - copy),
+            me / (sl.cpu_med() - copy)
+        );
     }
 }

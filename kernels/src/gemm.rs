@@ -236,6 +236,14 @@ fn quantize_rows(path: Path, x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32])
     }
 }
 
+#[inline(always)]
+fn quant_v<T: V>(v: T, inv: T) -> T {
+    v.mul(inv)
+        .round_even()
+        .max(T::splat(-127.0))
+        .min(T::splat(127.0))
+}
+
 /// Quantizes rows with `T`-wide vectors. Bit-identical to
 /// `weight::quantize_row_i8` (same IEEE operations per element), then stores
 /// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding).
@@ -269,16 +277,14 @@ unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], x
                 continue;
             }
             let inv = T::splat(127.0 / amax);
-            let (lo, hi) = (T::splat(-127.0), T::splat(127.0));
-            let quant = |v: T| v.mul(inv).round_even().max(lo).min(hi);
             i = 0;
             while i + T::W <= k {
-                quant(T::load(p.add(i))).store_i8(qp.add(i), xor);
+                quant_v(T::load(p.add(i)), inv).store_i8(qp.add(i), xor);
                 i += T::W;
             }
             if i < k {
                 let mut tmp = [0u8; 16];
-                quant(T::load_part(p.add(i), k - i, 0.0)).store_i8(tmp.as_mut_ptr(), xor);
+                quant_v(T::load_part(p.add(i), k - i, 0.0), inv).store_i8(tmp.as_mut_ptr(), xor);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), qp.add(i), k - i);
             }
             q[k..].fill(xor);

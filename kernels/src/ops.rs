@@ -79,18 +79,39 @@ pub fn exp_scalar(x: f32) -> f32 {
     exp_v::<f32>(x)
 }
 
+// No closures here: a closure or fn item passed through `impl Fn` may be
+// left as an out-of-line `Fn::call` shim compiled *without* the caller's
+// target features, turning every intrinsic into a function call (10x slower).
+
 #[inline(always)]
-unsafe fn map_slice<T: V>(x: &mut [f32], f: impl Fn(T) -> T) {
+unsafe fn gelu_slice<T: V>(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
     let mut i = 0;
     unsafe {
         while i + T::W <= n {
-            f(T::load(p.add(i))).store(p.add(i));
+            gelu_v(T::load(p.add(i))).store(p.add(i));
             i += T::W;
         }
         if i < n {
-            f(T::load_part(p.add(i), n - i, 0.0)).store_part(p.add(i), n - i);
+            gelu_v(T::load_part(p.add(i), n - i, 0.0)).store_part(p.add(i), n - i);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn scale_slice<T: V>(x: &mut [f32], s: f32) {
+    let (n, p, sv) = (x.len(), x.as_mut_ptr(), T::splat(s));
+    let mut i = 0;
+    unsafe {
+        while i + T::W <= n {
+            T::load(p.add(i)).mul(sv).store(p.add(i));
+            i += T::W;
+        }
+        if i < n {
+            T::load_part(p.add(i), n - i, 0.0)
+                .mul(sv)
+                .store_part(p.add(i), n - i);
         }
     }
 }
@@ -130,8 +151,7 @@ unsafe fn softmax_slice<T: V>(x: &mut [f32], row_len: usize) {
                 e.store_part(p.add(i), n - i);
                 s = s.add(e);
             }
-            let inv = T::splat(1.0 / s.hsum());
-            map_slice::<T>(row, |v| v.mul(inv));
+            scale_slice::<T>(row, 1.0 / s.hsum());
         }
     }
 }
@@ -206,11 +226,11 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gelu_512(x: &mut [f32]) {
-        unsafe { map_slice::<F512>(x, gelu_v) }
+        unsafe { gelu_slice::<F512>(x) }
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gelu_256(x: &mut [f32]) {
-        unsafe { map_slice::<F256>(x, gelu_v) }
+        unsafe { gelu_slice::<F256>(x) }
     }
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softmax_512(x: &mut [f32], n: usize) {
@@ -232,11 +252,6 @@ mod x86 {
 #[cfg(target_arch = "x86_64")]
 use x86::*;
 
-#[inline(always)]
-unsafe fn gelu_generic<T: V>(x: &mut [f32]) {
-    unsafe { map_slice::<T>(x, gelu_v) }
-}
-
 /// In-place GELU (erf form, as BERT uses) on the active path.
 pub fn gelu_inplace(x: &mut [f32]) {
     gelu_inplace_with(Path::active(), x)
@@ -244,7 +259,7 @@ pub fn gelu_inplace(x: &mut [f32]) {
 
 /// In-place GELU on a given path (panics if the CPU lacks it).
 pub fn gelu_inplace_with(path: Path, x: &mut [f32]) {
-    dispatch_f32!(path, gelu_generic, gelu_512, gelu_256, (x))
+    dispatch_f32!(path, gelu_slice, gelu_512, gelu_256, (x))
 }
 
 /// Softmax over each row of `row_len` contiguous values, in place.
