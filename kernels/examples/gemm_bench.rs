@@ -20,23 +20,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Seconds per call for each of `reps` reps, each rep >= ~`min_s` long.
-fn time_reps(reps: usize, min_s: f64, mut f: impl FnMut()) -> Vec<f64> {
-    let t = Instant::now();
-    f();
-    let once = t.elapsed().as_secs_f64().max(1e-7);
-    let inner = ((min_s / once).ceil() as usize).clamp(1, 10_000);
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..inner {
-                f();
-            }
-            t.elapsed().as_secs_f64() / inner as f64
-        })
-        .collect()
-}
-
 #[cfg(target_arch = "x86_64")]
 mod peak {
     use std::arch::x86_64::*;
@@ -106,30 +89,30 @@ struct Peak {
 
 #[cfg(target_arch = "x86_64")]
 fn measure_peak(reps: usize) -> Peak {
-    // Capability figures: best (min-time) of interleaved reps, since the
-    // machine is shared and a median would measure the neighbours.
+    // Capability figures: best (min) thread-CPU time of interleaved reps; the
+    // machine is shared, wall time would measure the neighbours.
     let n = 100_000_000u64;
     let it = 1_000_000;
     let has = Path::Avx512Vnni.is_supported();
-    let (mut tc, mut tv, mut tf) = (vec![], vec![], vec![]);
+    let (mut tc, mut tv, mut tf) = (Samples::default(), Samples::default(), Samples::default());
     for _ in 0..reps.max(5) {
-        tc.extend(time_reps(1, 0.03, || {
+        tc.push(rep(0.03, || {
             black_box(peak::clock_chain(black_box(n / 10)));
         }));
         if has {
-            tv.extend(time_reps(1, 0.03, || {
+            tv.push(rep(0.03, || {
                 black_box(unsafe { peak::vnni(it, black_box(3)) });
             }));
-            tf.extend(time_reps(1, 0.03, || {
+            tf.push(rep(0.03, || {
                 black_box(unsafe { peak::fma(it, black_box(1.0)) });
             }));
         }
     }
-    let ghz = n as f64 / min(tc) / 1e9;
+    let ghz = n as f64 / min(tc.cpu) / 1e9;
     let (vnni, fma) = if has {
         (
-            peak::VNNI_OPS_PER_ITER * it as f64 / min(tv) / 1e9,
-            peak::FMA_FLOPS_PER_ITER * it as f64 / min(tf) / 1e9,
+            peak::VNNI_OPS_PER_ITER * it as f64 / min(tv.cpu) / 1e9,
+            peak::FMA_FLOPS_PER_ITER * it as f64 / min(tf.cpu) / 1e9,
         )
     } else {
         (f64::NAN, f64::NAN)
@@ -182,28 +165,35 @@ fn f32_gemm(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32],
     }
 }
 
-fn thread_cpu_s() -> f64 {
+fn cpu_s(clock: libc::clockid_t) -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// One rep: (wall s/call, calling-thread CPU s/call), calls repeated to >= `min_s`.
-fn rep(min_s: f64, mut f: impl FnMut()) -> (f64, f64) {
+/// One rep: (wall, calling-thread CPU, whole-process CPU) seconds per call,
+/// calls repeated until the rep lasts >= `min_s`.
+fn rep(min_s: f64, mut f: impl FnMut()) -> (f64, f64, f64) {
     let t = Instant::now();
     f();
     let once = t.elapsed().as_secs_f64().max(1e-7);
     let inner = ((min_s / once).ceil() as usize).clamp(1, 100_000);
-    let (t, c) = (Instant::now(), thread_cpu_s());
+    let (t, c, pc) = (
+        Instant::now(),
+        cpu_s(libc::CLOCK_THREAD_CPUTIME_ID),
+        cpu_s(libc::CLOCK_PROCESS_CPUTIME_ID),
+    );
     for _ in 0..inner {
         f();
     }
+    let k = inner as f64;
     (
-        t.elapsed().as_secs_f64() / inner as f64,
-        (thread_cpu_s() - c) / inner as f64,
+        t.elapsed().as_secs_f64() / k,
+        (cpu_s(libc::CLOCK_THREAD_CPUTIME_ID) - c) / k,
+        (cpu_s(libc::CLOCK_PROCESS_CPUTIME_ID) - pc) / k,
     )
 }
 
@@ -211,11 +201,16 @@ fn rep(min_s: f64, mut f: impl FnMut()) -> (f64, f64) {
 struct Samples {
     wall: Vec<f64>,
     cpu: Vec<f64>,
+    pcpu: Vec<f64>,
 }
 impl Samples {
-    fn push(&mut self, (w, c): (f64, f64)) {
+    fn push(&mut self, (w, c, p): (f64, f64, f64)) {
         self.wall.push(w);
         self.cpu.push(c);
+        self.pcpu.push(p);
+    }
+    fn pcpu_med(&self) -> f64 {
+        median(self.pcpu.clone())
     }
     fn med(&self) -> f64 {
         median(self.wall.clone())
@@ -280,8 +275,10 @@ fn main() {
         0.256 * mhz
     );
     println!(
-        "GOP/s = 2*M*N*K / time. Wall time: median (best). %peak = best / (measured 1-core vpdpbusd peak x threads).\n\
-         cpu1 = 1-thread figures from the calling thread's CPU time (median): robust to the machine being shared.\n"
+        "GOP/s = 2*M*N*K / time. Primary figures use CPU time (median of reps), robust on a shared machine:\n\
+         1 thread: the calling thread's CPU time; 2 threads: whole-process CPU time, i.e. GOP per CPU-second\n\
+         (parallel efficiency incl. spinning/imbalance; x2 = expected wall rate on 2 idle cores).\n\
+         %peak = CPU-time GOP/s / measured 1-core vpdpbusd peak. Wall columns: median (best) GOP/s on this busy box.\n"
     );
 
     let ms: &[usize] = if quick {
@@ -300,11 +297,11 @@ fn main() {
     let has_avx2 = Path::Avx2.is_supported() && best != Path::Avx2;
 
     println!(
-        "| M | K->N | layer | thr | int8 {best} GOP/s | %peak | f32 gemm GFLOP/s | int8/f32 | cpu1 int8 / f32 / ratio |{}",
+        "| M | K->N | layer | thr | int8 {best} GOP/s | %peak | f32 gemm GFLOP/s | int8/f32 | wall int8 | wall f32 |{}",
         if has_avx2 { " int8 avx2 GOP/s |" } else { "" }
     );
     println!(
-        "|---|---|---|---|---|---|---|---|---|{}",
+        "|---|---|---|---|---|---|---|---|---|---|{}",
         if has_avx2 { "---|" } else { "" }
     );
     let mut seed = 1u32;
@@ -344,27 +341,27 @@ fn main() {
                         }));
                     }
                 }
-                let pct = 100.0 * gop / si8.best() / (pk.vnni_gops_1t * threads as f64);
-                let cpu1 = if threads == 1 {
-                    format!(
-                        "{:.0} / {:.0} / {:.1}x",
-                        gop / si8.cpu_med(),
-                        gop / sf32.cpu_med(),
-                        sf32.cpu_med() / si8.cpu_med()
-                    )
-                } else {
-                    "".into()
+                let cpu = |x: &Samples| {
+                    if threads == 1 {
+                        x.cpu_med()
+                    } else {
+                        x.pcpu_med()
+                    }
                 };
+                let (ci, cf) = (cpu(&si8), cpu(&sf32));
                 let mut line = format!(
-                    "| {m} | {k}->{n} | {name} | {threads} | {:.0} ({:.0}) | {pct:.0}% | {:.0} ({:.0}) | {:.1}x | {cpu1} |",
+                    "| {m} | {k}->{n} | {name} | {threads} | {:.0} | {:.0}% | {:.0} | {:.1}x | {:.0} ({:.0}) | {:.0} ({:.0}) |",
+                    gop / ci,
+                    100.0 * gop / ci / pk.vnni_gops_1t,
+                    gop / cf,
+                    cf / ci,
                     gop / si8.med(),
                     gop / si8.best(),
                     gop / sf32.med(),
                     gop / sf32.best(),
-                    sf32.med() / si8.med(),
                 );
                 if has_avx2 {
-                    line += &format!(" {:.0} |", gop / savx2.med());
+                    line += &format!(" {:.0} |", gop / cpu(&savx2));
                 }
                 println!("{line}");
             }
