@@ -421,7 +421,9 @@ fn gelu_accuracy_and_paths() {
         let tol =
             2e-7 * (1.0 + x.abs() as f64) + 2.0 * f32::EPSILON as f64 * gelu_ref(x as f64).abs();
         assert!(e <= tol, "gelu({x}) err {e}");
-        worst = worst.max(e);
+        if x.abs() <= 14.0 {
+            worst = worst.max(e);
+        }
     }
     eprintln!("gelu max abs error {worst:.2e} on [-14, 14]");
     for path in paths() {
