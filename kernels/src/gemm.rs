@@ -55,8 +55,9 @@ impl Exec<'static> {
 }
 
 /// Below this many multiply-adds a call runs on the calling thread only:
-/// waking a worker costs more than it saves.
-pub const PAR_MIN_MACS: usize = 1 << 19;
+/// ~2M MACs is ~2-4 us of work at 0.5-1 TOP/s, about what waking a parked
+/// worker costs. (At 512K, M=1 calls spent 2x the CPU time for nothing.)
+pub const PAR_MIN_MACS: usize = 1 << 21;
 /// Rows per task when splitting over rows.
 const ROW_BLOCK: usize = 64;
 
