@@ -1,0 +1,106 @@
+//! Runtime CPU-feature dispatch.
+
+use std::sync::OnceLock;
+
+/// A kernel implementation. All paths produce bit-identical int32
+/// accumulations and bit-identical `linear` outputs; softmax/LayerNorm differ
+/// only by summation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// AVX-512 F/BW + VNNI: `vpdpbusd` on 512-bit vectors (u8 x s8, +128 offset).
+    Avx512Vnni,
+    /// AVX2 (+FMA present): `vpsignb` + `vpmaddubsw` + `vpmaddwd` on 256-bit vectors.
+    Avx2,
+    /// Portable Rust, no intrinsics.
+    Scalar,
+}
+
+impl Path {
+    /// Every path, fastest first.
+    pub const ALL: [Path; 3] = [Path::Avx512Vnni, Path::Avx2, Path::Scalar];
+
+    /// The name used by `QMODEL_KERNEL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Vnni => "avx512vnni",
+            Path::Avx2 => "avx2",
+            Path::Scalar => "scalar",
+        }
+    }
+
+    /// Parses a `QMODEL_KERNEL` value (case-insensitive).
+    pub fn parse(s: &str) -> Option<Path> {
+        Path::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Path::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Vnni => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Paths this CPU supports, fastest first.
+    pub fn supported() -> Vec<Path> {
+        Path::ALL.into_iter().filter(|p| p.is_supported()).collect()
+    }
+
+    /// The fastest supported path.
+    pub fn best() -> Path {
+        Path::ALL
+            .into_iter()
+            .find(|p| p.is_supported())
+            .unwrap_or(Path::Scalar)
+    }
+
+    /// The process-wide path: `QMODEL_KERNEL` (read once) if set, else [`Path::best`].
+    ///
+    /// Panics on an unknown name or a path this CPU lacks: a forced path that
+    /// silently fell back would defeat the point of forcing it.
+    pub fn active() -> Path {
+        static ACTIVE: OnceLock<Path> = OnceLock::new();
+        *ACTIVE.get_or_init(|| match std::env::var("QMODEL_KERNEL") {
+            Ok(v) if !v.trim().is_empty() => {
+                let p = Path::parse(&v).unwrap_or_else(|| {
+                    panic!("QMODEL_KERNEL={v:?}: expected one of avx512vnni, avx2, scalar")
+                });
+                assert!(
+                    p.is_supported(),
+                    "QMODEL_KERNEL={v}: this CPU does not support it"
+                );
+                p
+            }
+            _ => Path::best(),
+        })
+    }
+
+    /// Panics unless supported; called before entering `#[target_feature]` code.
+    #[inline]
+    pub fn assert_supported(self) {
+        assert!(
+            self.is_supported(),
+            "kernel path {} not supported on this CPU",
+            self.name()
+        );
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

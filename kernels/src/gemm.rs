@@ -1,0 +1,689 @@
+//! `linear`: dynamic per-row int8 quantization of activations, int8 x int8 ->
+//! i32 GEMM against pre-packed weights, fused dequantize + bias (+ GELU).
+//!
+//! Integer scheme. Activations are quantized symmetrically per row to
+//! `xq` in [-127, 127]; weights per output channel to `wq` in [-127, 127].
+//! The exact product `acc[r][n] = sum_k xq[r][k] * wq[n][k]` is computed by:
+//! - AVX-512 VNNI: `vpdpbusd` needs an unsigned first operand, so rows are
+//!   stored as `xq + 128` in [1, 255] and the kernel subtracts
+//!   `128 * sum_k wq[n][k]` (precomputed at pack time). `vpdpbusd` sums the
+//!   four u8*s8 products into i32 without intermediate saturation.
+//! - AVX2: `vpmaddubsw(|xq|, sign(wq, xq))`: both operands' magnitudes are
+//!   <= 127, so each i16 pair sum is <= 2*127*127 = 32258 < 32767 and the
+//!   saturating instruction never saturates; `vpmaddwd` by 1 widens to i32.
+//!   (The +128 offset would not be safe here: 255*127*2 > 32767.)
+//! - Scalar: plain i32 arithmetic.
+//!
+//! All three are exact, hence bit-identical. The f32 epilogue is
+//! `y = (acc as f32) * (sx[r] * sw[n]) + bias[n]` then optional GELU, with the
+//! same IEEE operations in the same order on every path, so `linear` outputs
+//! are bit-identical across paths too.
+
+use crate::Path;
+use crate::pool::ThreadPool;
+use crate::simd::V;
+use crate::weight::{KGROUP, PANEL, WeightView, k4_of, quantize_row_i8};
+use std::cell::RefCell;
+
+/// Epilogue activation fused into [`linear_act`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// GELU, erf form (BERT's `gelu`).
+    Gelu,
+}
+
+/// Where and how to run: kernel path and thread pool.
+#[derive(Clone, Copy, Debug)]
+pub struct Exec<'a> {
+    /// Kernel implementation to use.
+    pub path: Path,
+    /// Pool to split the work over (its thread count is the parallelism).
+    pub pool: &'a ThreadPool,
+}
+
+impl Exec<'static> {
+    /// `Path::active()` (honours `QMODEL_KERNEL`) on `ThreadPool::global()`.
+    pub fn global() -> Self {
+        Exec {
+            path: Path::active(),
+            pool: ThreadPool::global(),
+        }
+    }
+}
+
+/// Below this many multiply-adds a call runs on the calling thread only:
+/// ~2M MACs is ~2-4 us of work at 0.5-1 TOP/s, about what waking a parked
+/// worker costs. (At 512K, M=1 calls spent 2x the CPU time for nothing.)
+pub const PAR_MIN_MACS: usize = 1 << 21;
+/// Rows per task when splitting over rows.
+const ROW_BLOCK: usize = 64;
+
+/// `out[rows, n] = x[rows, k] @ W^T + bias` with int8 weights.
+///
+/// `x` is row-major `[rows, in_features]`, `out` `[rows, out_features]`.
+/// Each row's result depends only on that row (per-row quantization, exact
+/// integer accumulation), so results are batch- and thread-count-invariant.
+pub fn linear<'w>(
+    x: &[f32],
+    rows: usize,
+    w: impl Into<WeightView<'w>>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    linear_with(&Exec::global(), x, rows, w, bias, Activation::None, out)
+}
+
+/// [`linear`] with a fused activation.
+pub fn linear_act<'w>(
+    x: &[f32],
+    rows: usize,
+    w: impl Into<WeightView<'w>>,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [f32],
+) {
+    linear_with(&Exec::global(), x, rows, w, bias, act, out)
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(*mut T);
+unsafe impl<T> Sync for SyncPtr<T> {}
+unsafe impl<T> Send for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    #[inline(always)]
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Output description handed to the tile kernels.
+#[derive(Clone, Copy)]
+pub(crate) enum Out {
+    F32 {
+        ptr: SyncPtr<f32>,
+        /// Per-row activation scales.
+        sx: *const f32,
+        /// Null if no bias.
+        bias: *const f32,
+        act: Activation,
+    },
+    I32 {
+        ptr: SyncPtr<i32>,
+    },
+}
+unsafe impl Sync for Out {}
+unsafe impl Send for Out {}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`linear`] with explicit path, pool and activation.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_with<'w>(
+    exec: &Exec<'_>,
+    x: &[f32],
+    rows: usize,
+    w: impl Into<WeightView<'w>>,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [f32],
+) {
+    let w = w.into();
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), rows * k, "linear: x must be rows * in_features");
+    assert_eq!(
+        out.len(),
+        rows * n,
+        "linear: out must be rows * out_features"
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "linear: bias must be out_features");
+    }
+    exec.path.assert_supported();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let k4 = k4_of(k);
+    let mut sx = vec![0f32; rows];
+    SCRATCH.with(|s| {
+        let mut buf = s.take();
+        buf.clear();
+        buf.resize(rows * k4, 0);
+        let a = SyncPtr(buf.as_mut_ptr());
+        let sxp = SyncPtr(sx.as_mut_ptr());
+        let quant = |r0: usize, r1: usize| {
+            // SAFETY: disjoint row ranges per task.
+            let (qa, qs) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(a.get().add(r0 * k4), (r1 - r0) * k4),
+                    std::slice::from_raw_parts_mut(sxp.get().add(r0), r1 - r0),
+                )
+            };
+            quantize_rows(exec.path, &x[r0 * k..r1 * k], k, qa, qs);
+        };
+        let outs = Out::F32 {
+            ptr: SyncPtr(out.as_mut_ptr()),
+            sx: sxp.get(),
+            bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            act,
+        };
+        run_tiled(exec, rows, w, a.get(), outs, &quant);
+        s.replace(buf);
+    });
+}
+
+/// Raw integer GEMM: `out[r][n] = sum_k xq[r][k] * wq[n][k]` (exact), for
+/// already-quantized activations in [-127, 127]. Used to test that every
+/// path accumulates identically.
+pub fn gemm_i32_with<'w>(
+    exec: &Exec<'_>,
+    xq: &[i8],
+    rows: usize,
+    w: impl Into<WeightView<'w>>,
+    out: &mut [i32],
+) {
+    let w = w.into();
+    let (n, k) = (w.n, w.k);
+    assert_eq!(xq.len(), rows * k);
+    assert_eq!(out.len(), rows * n);
+    assert!(!xq.contains(&i8::MIN), "activations must be in [-127, 127]");
+    exec.path.assert_supported();
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let k4 = k4_of(k);
+    let mut buf = vec![0u8; rows * k4];
+    let offset = exec.path == Path::Avx512Vnni;
+    for r in 0..rows {
+        for kk in 0..k {
+            let v = xq[r * k + kk];
+            buf[r * k4 + kk] = if offset { (v as u8) ^ 0x80 } else { v as u8 };
+        }
+        if offset {
+            buf[r * k4 + k..(r + 1) * k4].fill(0x80);
+        }
+    }
+    let outs = Out::I32 {
+        ptr: SyncPtr(out.as_mut_ptr()),
+    };
+    run_tiled(exec, rows, w, buf.as_mut_ptr(), outs, &|_, _| {});
+}
+
+/// Per-row symmetric quantization, public for tests and for callers that
+/// want to quantize once and reuse: returns (`xq` row-major, scales).
+pub fn quantize_rows_i8(x: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(x.len(), rows * k);
+    let mut q = vec![0i8; rows * k];
+    let mut s = vec![0f32; rows];
+    for r in 0..rows {
+        s[r] = quantize_row_i8(&x[r * k..(r + 1) * k], &mut q[r * k..(r + 1) * k]);
+    }
+    (q, s)
+}
+
+/// Quantizes rows of `x` into the path's byte encoding (`xq + 128` for
+/// VNNI, `xq` otherwise), K padded to `k4` (padding multiplies zero weights).
+fn quantize_rows(path: Path, x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, k, qa, sx) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { x86::quantize_avx2(x, k, qa, sx) },
+        _ => quantize_generic(x, k, qa, sx, false),
+    }
+}
+
+#[inline(always)]
+fn quant_v<T: V>(v: T, inv: T) -> T {
+    v.mul(inv)
+        .round_even()
+        .max(T::splat(-127.0))
+        .min(T::splat(127.0))
+}
+
+/// Quantizes rows with `T`-wide vectors. Bit-identical to
+/// `weight::quantize_row_i8` (same IEEE operations per element), then stores
+/// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding).
+#[inline(always)]
+unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], xor: u8) {
+    let k4 = k4_of(k);
+    if k == 0 {
+        sx.fill(0.0);
+        return;
+    }
+    for ((row, q), s) in x
+        .chunks_exact(k)
+        .zip(qa.chunks_exact_mut(k4))
+        .zip(sx.iter_mut())
+    {
+        let (p, qp) = (row.as_ptr(), q.as_mut_ptr());
+        unsafe {
+            let mut m = T::splat(0.0);
+            let mut i = 0;
+            while i + T::W <= k {
+                m = m.max(T::load(p.add(i)).abs());
+                i += T::W;
+            }
+            if i < k {
+                m = m.max(T::load_part(p.add(i), k - i, 0.0).abs());
+            }
+            let amax = m.hmax();
+            if amax == 0.0 || !amax.is_finite() {
+                q.fill(xor);
+                *s = if amax == 0.0 { 0.0 } else { f32::NAN };
+                continue;
+            }
+            let inv = T::splat(127.0 / amax);
+            i = 0;
+            while i + T::W <= k {
+                quant_v(T::load(p.add(i)), inv).store_i8(qp.add(i), xor);
+                i += T::W;
+            }
+            if i < k {
+                let mut tmp = [0u8; 16];
+                quant_v(T::load_part(p.add(i), k - i, 0.0), inv).store_i8(tmp.as_mut_ptr(), xor);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), qp.add(i), k - i);
+            }
+            q[k..].fill(xor);
+            *s = amax / 127.0;
+        }
+    }
+}
+
+fn quantize_generic(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], offset: bool) {
+    unsafe { quantize_v::<f32>(x, k, qa, sx, if offset { 0x80 } else { 0 }) }
+}
+
+/// Splits the GEMM into tasks and runs them. `quant(r0, r1)` fills the
+/// quantized rows `[r0, r1)` of `a` and must run before those rows are used.
+fn run_tiled(
+    exec: &Exec<'_>,
+    rows: usize,
+    w: WeightView<'_>,
+    a: *mut u8,
+    out: Out,
+    quant: &(dyn Fn(usize, usize) + Sync),
+) {
+    let np = w.n_panels();
+    let macs = rows * w.n * w.k.max(1);
+    let threads = if macs < PAR_MIN_MACS {
+        1
+    } else {
+        exec.pool.threads()
+    };
+    let a = SyncPtr(a);
+    let tile = |r0: usize, r1: usize, p0: usize, p1: usize| unsafe {
+        tile_dispatch(exec.path, a.get() as *const u8, w, r0, r1, p0, p1, out)
+    };
+    if threads == 1 {
+        // Row blocks keep the quantized block (<= 64 x K bytes) in L2 while
+        // every weight panel streams past it.
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(rows);
+            quant(r0, r1);
+            tile(r0, r1, 0, np);
+        }
+        return;
+    }
+    let n_rb = rows.div_ceil(ROW_BLOCK);
+    if n_rb >= 2 * threads {
+        // Enough rows: each task quantizes and multiplies its own row block.
+        exec.pool.run(n_rb, &|t| {
+            let (r0, r1) = (t * ROW_BLOCK, ((t + 1) * ROW_BLOCK).min(rows));
+            quant(r0, r1);
+            tile(r0, r1, 0, np);
+        });
+    } else {
+        // Few rows: quantize first, then split output channels as well.
+        if rows * w.k >= 1 << 15 {
+            let rb = rows.div_ceil(threads);
+            exec.pool.run(threads, &|t| {
+                let (r0, r1) = ((t * rb).min(rows), ((t + 1) * rb).min(rows));
+                if r0 < r1 {
+                    quant(r0, r1);
+                }
+            });
+        } else {
+            quant(0, rows);
+        }
+        let rb = rows.div_ceil(n_rb);
+        let want = (4 * threads).div_ceil(n_rb);
+        let pc = np.div_ceil(want).next_multiple_of(2).max(2);
+        let n_pc = np.div_ceil(pc);
+        exec.pool.run(n_rb * n_pc, &|t| {
+            let (i, j) = (t / n_pc, t % n_pc);
+            let (r0, r1) = (i * rb, ((i + 1) * rb).min(rows));
+            let (p0, p1) = (j * pc, ((j + 1) * pc).min(np));
+            if r0 < r1 && p0 < p1 {
+                tile(r0, r1, p0, p1);
+            }
+        });
+    }
+}
+
+/// # Safety
+/// `a` holds `rows * k4` quantized bytes in the path's encoding; `out` is
+/// valid for the whole `[rows, n]` output; the path is supported.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch(
+    path: Path,
+    a: *const u8,
+    w: WeightView<'_>,
+    r0: usize,
+    r1: usize,
+    p0: usize,
+    p1: usize,
+    out: Out,
+) {
+    unsafe {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Vnni => x86::tile_avx512(a, w, r0, r1, p0, p1, out),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => x86::tile_avx2(a, w, r0, r1, p0, p1, out),
+            _ => tile_scalar(a, w, r0, r1, p0, p1, out),
+        }
+    }
+}
+
+/// Shared epilogue for 16 (or `T::W`-sized pieces of 16) channels of one
+/// row: `acc` already corrected to the exact integer dot product.
+#[inline(always)]
+unsafe fn epilogue<T: V>(
+    acc_f: T,
+    row: usize,
+    n0: usize,
+    n_valid: usize,
+    w: &WeightView<'_>,
+    out: Out,
+) {
+    if let Out::F32 { ptr, sx, bias, act } = out {
+        unsafe {
+            let s = T::splat(*sx.add(row)).mul(T::load(w.scales.as_ptr().add(n0)));
+            let mut y = acc_f.mul(s);
+            if !bias.is_null() {
+                y = y.add(if n_valid >= T::W {
+                    T::load(bias.add(n0))
+                } else {
+                    T::load_part(bias.add(n0), n_valid, 0.0)
+                });
+            }
+            if act == Activation::Gelu {
+                y = crate::ops::gelu_v(y);
+            }
+            let dst = ptr.get().add(row * w.n + n0);
+            if n_valid >= T::W {
+                y.store(dst)
+            } else {
+                y.store_part(dst, n_valid)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_scalar(
+    a: *const u8,
+    w: WeightView<'_>,
+    r0: usize,
+    r1: usize,
+    p0: usize,
+    p1: usize,
+    out: Out,
+) {
+    let k4 = w.k4();
+    let kg = k4 / KGROUP;
+    for p in p0..p1 {
+        let b = &w.packed[p * k4 * PANEL..(p + 1) * k4 * PANEL];
+        for r in r0..r1 {
+            let x = unsafe { std::slice::from_raw_parts(a.add(r * k4) as *const i8, k4) };
+            let mut acc = [0i32; PANEL];
+            for g in 0..kg {
+                let xg = &x[g * KGROUP..(g + 1) * KGROUP];
+                let bg = &b[g * PANEL * KGROUP..(g + 1) * PANEL * KGROUP];
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    for t in 0..KGROUP {
+                        *acc += xg[t] as i32 * (bg[c * KGROUP + t] as i8) as i32;
+                    }
+                }
+            }
+            let n0 = p * PANEL;
+            let nv = (w.n - n0).min(PANEL);
+            for (c, &v) in acc.iter().enumerate().take(nv) {
+                match out {
+                    Out::I32 { ptr } => unsafe { *ptr.get().add(r * w.n + n0 + c) = v },
+                    Out::F32 { .. } => unsafe { epilogue::<f32>(v as f32, r, n0 + c, 1, &w, out) },
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::simd::{F256, F512};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_avx512(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
+        unsafe { quantize_v::<F512>(x, k, qa, sx, 0x80) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_avx2(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
+        unsafe { quantize_v::<F256>(x, k, qa, sx, 0) }
+    }
+
+    // ---------------- AVX-512 VNNI ----------------
+    const MR512: usize = 8;
+    const NR512: usize = 2;
+
+    #[inline(always)]
+    unsafe fn micro512<const MR: usize, const NR: usize>(
+        a: *const u8,
+        lda: usize,
+        b: *const u8,
+        ldb: usize,
+        kg: usize,
+    ) -> [[__m512i; NR]; MR] {
+        unsafe {
+            let mut acc = [[_mm512_setzero_si512(); NR]; MR];
+            for g in 0..kg {
+                let mut bv = [_mm512_setzero_si512(); NR];
+                for (j, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_loadu_si512(b.add(j * ldb + g * 64) as *const __m512i);
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av =
+                        _mm512_set1_epi32((a.add(i * lda + g * 4) as *const i32).read_unaligned());
+                    for j in 0..NR {
+                        acc[j] = _mm512_dpbusd_epi32(acc[j], av, bv[j]);
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block512<const MR: usize, const NR: usize>(
+        a: *const u8,
+        w: &WeightView<'_>,
+        r: usize,
+        p: usize,
+        out: Out,
+    ) {
+        unsafe {
+            let k4 = w.k4();
+            let ldb = k4 * PANEL;
+            let acc = micro512::<MR, NR>(
+                a.add(r * k4),
+                k4,
+                w.packed.as_ptr().add(p * ldb),
+                ldb,
+                k4 / 4,
+            );
+            for j in 0..NR {
+                let n0 = (p + j) * PANEL;
+                let nv = (w.n - n0).min(PANEL);
+                let corr = _mm512_slli_epi32::<7>(_mm512_loadu_si512(
+                    w.row_sums.as_ptr().add(n0) as *const __m512i
+                ));
+                for (i, acc) in acc.iter().enumerate() {
+                    let v = _mm512_sub_epi32(acc[j], corr);
+                    match out {
+                        Out::I32 { ptr } => {
+                            let m: __mmask16 = ((1u32 << nv) - 1) as u16;
+                            _mm512_mask_storeu_epi32(ptr.get().add((r + i) * w.n + n0), m, v);
+                        }
+                        Out::F32 { .. } => {
+                            epilogue::<F512>(F512(_mm512_cvtepi32_ps(v)), r + i, n0, nv, w, out)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    macro_rules! mr_dispatch {
+        ($f:ident, $mr:expr, $nr:literal, $($args:expr),*) => {
+            match $mr {
+                8 => $f::<8, $nr>($($args),*),
+                7 => $f::<7, $nr>($($args),*),
+                6 => $f::<6, $nr>($($args),*),
+                5 => $f::<5, $nr>($($args),*),
+                4 => $f::<4, $nr>($($args),*),
+                3 => $f::<3, $nr>($($args),*),
+                2 => $f::<2, $nr>($($args),*),
+                1 => $f::<1, $nr>($($args),*),
+                _ => unreachable!(),
+            }
+        };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_avx512(
+        a: *const u8,
+        w: WeightView<'_>,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        p1: usize,
+        out: Out,
+    ) {
+        let mut p = p0;
+        while p < p1 {
+            let nr = (p1 - p).min(NR512);
+            let mut r = r0;
+            while r < r1 {
+                let mr = (r1 - r).min(MR512);
+                unsafe {
+                    if nr == 2 {
+                        mr_dispatch!(block512, mr, 2, a, &w, r, p, out)
+                    } else {
+                        mr_dispatch!(block512, mr, 1, a, &w, r, p, out)
+                    }
+                }
+                r += mr;
+            }
+            p += nr;
+        }
+    }
+
+    // ---------------- AVX2 ----------------
+    const MR256: usize = 4;
+
+    /// One panel (16 channels = 2 ymm) x MR rows.
+    #[inline(always)]
+    unsafe fn block256<const MR: usize, const NR: usize>(
+        a: *const u8,
+        w: &WeightView<'_>,
+        r: usize,
+        p: usize,
+        out: Out,
+    ) {
+        debug_assert_eq!(NR, 1);
+        unsafe {
+            let k4 = w.k4();
+            let kg = k4 / 4;
+            let b = w.packed.as_ptr().add(p * k4 * PANEL);
+            let a = a.add(r * k4);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            for g in 0..kg {
+                let b0 = _mm256_loadu_si256(b.add(g * 64) as *const __m256i);
+                let b1 = _mm256_loadu_si256(b.add(g * 64 + 32) as *const __m256i);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av =
+                        _mm256_set1_epi32((a.add(i * k4 + g * 4) as *const i32).read_unaligned());
+                    let aabs = _mm256_abs_epi8(av);
+                    let p0 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b0, av));
+                    let p1 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b1, av));
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(p0, ones));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(p1, ones));
+                }
+            }
+            for h in 0..2 {
+                let n0 = p * PANEL + h * 8;
+                if n0 >= w.n {
+                    break;
+                }
+                let nv = (w.n - n0).min(8);
+                for (i, acc) in acc.iter().enumerate() {
+                    match out {
+                        Out::I32 { ptr } => {
+                            let dst = ptr.get().add((r + i) * w.n + n0);
+                            if nv == 8 {
+                                _mm256_storeu_si256(dst as *mut __m256i, acc[h]);
+                            } else {
+                                let mut tmp = [0i32; 8];
+                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, acc[h]);
+                                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, nv);
+                            }
+                        }
+                        Out::F32 { .. } => epilogue::<F256>(
+                            F256(_mm256_cvtepi32_ps(acc[h])),
+                            r + i,
+                            n0,
+                            nv,
+                            w,
+                            out,
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        a: *const u8,
+        w: WeightView<'_>,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        p1: usize,
+        out: Out,
+    ) {
+        for p in p0..p1 {
+            let mut r = r0;
+            while r < r1 {
+                let mr = (r1 - r).min(MR256);
+                unsafe {
+                    match mr {
+                        4 => block256::<4, 1>(a, &w, r, p, out),
+                        3 => block256::<3, 1>(a, &w, r, p, out),
+                        2 => block256::<2, 1>(a, &w, r, p, out),
+                        _ => block256::<1, 1>(a, &w, r, p, out),
+                    }
+                }
+                r += mr;
+            }
+        }
+    }
+}
