@@ -6,17 +6,13 @@ use std::collections::HashMap;
 
 use anyhow::{Context, bail, ensure};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{D, DType, IndexOp, Module, Tensor};
+use candle_core::{D, DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
 use super::{Linear, Role, RowTable, Weights};
 
 pub const ARCHITECTURE: &str = "bert";
-
-/// Added to attention scores of padding keys: `exp` of it underflows to exactly 0, so padding
-/// contributes exact zeros (in F16 it saturates to -inf, which is also an exact 0).
-const MASKED: f32 = -1e9;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Config {
@@ -170,12 +166,14 @@ pub fn tensors(config: &Config, head: bool) -> Vec<(String, Role)> {
     names
 }
 
-/// Right-padded token ids of a batch: `batch` rows of `seq` tokens, `lens[i]` of them real.
+/// A batch packed without padding: the inputs' tokens back to back, `lens[i]` of them for
+/// input `i`. Attention runs per input over its own tokens, so an input's result is computed
+/// by exactly the same operations whatever else shares its batch (padded attention differs in
+/// the last bits, and quantizing activations turns those bits into visible differences).
 pub struct Batch<'a> {
     pub ids: &'a [u32],
     pub type_ids: &'a [u32],
     pub lens: &'a [usize],
-    pub seq: usize,
 }
 
 struct Embeddings {
@@ -264,12 +262,19 @@ impl Model {
         &self.config
     }
 
-    /// The last hidden state, `[batch * seq, hidden]` in the compute dtype.
+    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
     pub fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
-        let (b, s) = (batch.lens.len(), batch.seq);
+        let tokens = batch.ids.len();
         ensure!(
-            s <= self.config.max_position_embeddings,
-            "{s} tokens exceed the model's {} positions",
+            batch.type_ids.len() == tokens && batch.lens.iter().sum::<usize>() == tokens,
+            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
+            batch.type_ids.len(),
+            batch.lens.iter().sum::<usize>()
+        );
+        let max_len = batch.lens.iter().copied().max().unwrap_or(0);
+        ensure!(
+            max_len <= self.config.max_position_embeddings,
+            "{max_len} tokens exceed the model's {} positions",
             self.config.max_position_embeddings
         );
         if let Some(&t) = batch
@@ -282,42 +287,41 @@ impl Model {
                 self.config.type_vocab_size
             );
         }
-        let h = self.config.hidden_size;
         let dev = &self.device;
 
         let mut words = Vec::new();
         self.embeddings.words.gather(batch.ids, &mut words)?;
-        let words = Tensor::from_vec(words, (b * s, h), dev)?.to_dtype(self.dtype)?;
-        let positions: Vec<u32> = (0..b).flat_map(|_| 0..s as u32).collect();
-        let positions = Tensor::from_vec(positions, b * s, dev)?;
-        let types = Tensor::from_slice(batch.type_ids, b * s, dev)?;
+        let words = Tensor::from_vec(words, (tokens, self.config.hidden_size), dev)?
+            .to_dtype(self.dtype)?;
+        let positions: Vec<u32> = batch.lens.iter().flat_map(|&len| 0..len as u32).collect();
+        let positions = Tensor::from_vec(positions, tokens, dev)?;
+        let types = Tensor::from_slice(batch.type_ids, tokens, dev)?;
         let xs = (words
             + self.embeddings.positions.index_select(&positions, 0)?
             + self.embeddings.token_types.index_select(&types, 0)?)?;
         let mut xs = self.embeddings.norm.forward(&xs)?;
-
-        let mask: Vec<f32> = batch
-            .lens
-            .iter()
-            .flat_map(|&len| (0..s).map(move |j| if j < len { 0.0 } else { MASKED }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, 1, s), dev)?.to_dtype(self.dtype)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask, b, s, self.config.num_attention_heads)?;
+            xs = layer.forward(&xs, batch.lens, self.config.num_attention_heads)?;
         }
         Ok(xs)
     }
 
-    /// Relevance logits from the last hidden state: classifier(tanh(pooler(CLS))).
-    pub fn score(&self, hidden: &Tensor, batch: usize, seq: usize) -> anyhow::Result<Vec<f32>> {
+    /// Relevance logits from the last hidden state of a batch with these input lengths:
+    /// classifier(tanh(pooler([CLS]))).
+    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
         let head = self
             .head
             .as_ref()
             .context("this model has no classification head")?;
-        let cls = hidden
-            .reshape((batch, seq, self.config.hidden_size))?
-            .i((.., 0))?
-            .contiguous()?;
+        let starts: Vec<u32> = lens
+            .iter()
+            .scan(0u32, |start, &len| {
+                let first = *start;
+                *start += len as u32;
+                Some(first)
+            })
+            .collect();
+        let cls = hidden.index_select(&Tensor::new(starts, &self.device)?, 0)?;
         let pooled = head.pooler.forward(&cls)?.tanh()?;
         let logits = head.classifier.forward(&pooled)?;
         ensure!(
@@ -330,30 +334,33 @@ impl Model {
 }
 
 impl Layer {
-    fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        b: usize,
-        s: usize,
-        heads: usize,
-    ) -> anyhow::Result<Tensor> {
+    fn forward(&self, xs: &Tensor, lens: &[usize], heads: usize) -> anyhow::Result<Tensor> {
         let h = xs.dim(1)?;
         let hd = h / heads;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()
-        };
-        // Scaling q rather than the scores touches s*hd values instead of s*s.
-        let q = split((self.query.forward(xs)? * (1.0 / (hd as f64).sqrt()))?)?;
-        let k = split(self.key.forward(xs)?)?;
-        let v = split(self.value.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * s, h))?;
+        // Scaling q rather than the scores touches hd values per token instead of len.
+        let q = (self.query.forward(xs)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.key.forward(xs)?;
+        let v = self.value.forward(xs)?;
+        let mut contexts = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            // [len, h] -> [heads, len, hd]
+            let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+                t.narrow(0, start, len)?
+                    .reshape((len, heads, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let scores = split(&q)?.matmul(&split(&k)?.t()?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let context = probs
+                .matmul(&split(&v)?)?
+                .transpose(0, 1)?
+                .reshape((len, h))?;
+            contexts.push(context);
+            start += len;
+        }
+        let context = Tensor::cat(&contexts, 0)?;
         let xs = self
             .attention_norm
             .forward(&(self.attention_out.forward(&context)? + xs)?)?;

@@ -235,19 +235,14 @@ impl RowTable {
     }
 }
 
-/// Pools the last hidden state of right-padded inputs (`hidden` is `[batch * seq, dim]`,
-/// row-major) over each input's own tokens only, so padding never enters the result.
-pub fn pool(
-    hidden: &[f32],
-    dim: usize,
-    seq: usize,
-    lens: &[usize],
-    pooling: Pooling,
-) -> Vec<Vec<f32>> {
+/// Pools the last hidden state of a packed batch (`hidden` is `[tokens, dim]`, row-major,
+/// inputs back to back with `lens` tokens each) over each input's own tokens.
+pub fn pool(hidden: &[f32], dim: usize, lens: &[usize], pooling: Pooling) -> Vec<Vec<f32>> {
+    let mut start = 0;
     lens.iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            let rows = &hidden[i * seq * dim..(i * seq + len) * dim];
+        .map(|&len| {
+            let rows = &hidden[start * dim..(start + len) * dim];
+            start += len;
             match pooling {
                 Pooling::Cls => rows[..dim].to_vec(),
                 Pooling::Mean => {
