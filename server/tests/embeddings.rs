@@ -121,11 +121,13 @@ fn embeddings_are_batch_invariant() {
     for precision in [Precision::F32, Precision::Int8] {
         let model = common::loaded(&common::minilm(), precision);
         let inputs = encodings(&model, &reference);
-        // Short, long and mid-length inputs together, so each is padded differently.
-        let batch: Vec<Encoding> = [0, 120, 10, 127, 60, 3, 90]
+        // Short, long and mid-length inputs together; more than 512 tokens in all, so
+        // feed-forward chunks (512 tokens) end inside inputs.
+        let batch: Vec<Encoding> = [0, 120, 10, 127, 60, 3, 90, 115, 125]
             .iter()
             .map(|&i| inputs[i].clone())
             .collect();
+        assert!(batch.iter().map(Encoding::len).sum::<usize>() > 512);
         let together = model.backend.embed(&batch).unwrap();
         let mut max_diff = 0f32;
         for (input, in_batch) in batch.iter().zip(&together) {

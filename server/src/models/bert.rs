@@ -14,6 +14,9 @@ use super::{Linear, Role, RowTable, Weights};
 
 pub const ARCHITECTURE: &str = "bert";
 
+/// Tokens per feed-forward chunk; see [`Layer::forward`].
+const FEED_FORWARD_CHUNK: usize = 512;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Config {
     pub vocab_size: usize,
@@ -364,9 +367,17 @@ impl Layer {
         let xs = self
             .attention_norm
             .forward(&(self.attention_out.forward(&context)? + xs)?)?;
-        let ff = self.intermediate.forward(&xs)?.gelu_erf()?;
-        Ok(self
-            .output_norm
-            .forward(&(self.output.forward(&ff)? + xs)?)?)
+        // The feed-forward block works token by token: running it over chunks of tokens bounds
+        // its 4x-wide intermediate activations (25 MB per layer for 32 x 128 tokens in F32).
+        let tokens = xs.dim(0)?;
+        let ff = (0..tokens)
+            .step_by(FEED_FORWARD_CHUNK)
+            .map(|start| {
+                let chunk = xs.narrow(0, start, FEED_FORWARD_CHUNK.min(tokens - start))?;
+                self.output
+                    .forward(&self.intermediate.forward(&chunk)?.gelu_erf()?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(self.output_norm.forward(&(Tensor::cat(&ff, 0)? + xs)?)?)
     }
 }

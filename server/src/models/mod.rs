@@ -40,9 +40,13 @@ pub fn storage_dtype(role: Role, precision: Precision) -> GgmlDType {
     }
 }
 
-/// A memory-mapped GGUF file and the device its tensors are loaded onto.
+/// A GGUF file and the device its tensors are loaded onto. Dense and linear tensors are read
+/// into memory once; the embedding table is served from a memory map of the file.
 pub struct Weights {
     path: PathBuf,
+    /// Tensors are read through the file rather than the map so that their pages are not
+    /// also counted in the process's resident memory after being copied.
+    file: std::fs::File,
     mmap: Arc<Mmap>,
     content: gguf_file::Content,
     device: Device,
@@ -60,6 +64,7 @@ impl Weights {
             .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
+            file,
             mmap: Arc::new(mmap),
             content,
             device,
@@ -85,7 +90,7 @@ impl Weights {
 
     fn qtensor(&self, name: &str) -> anyhow::Result<QTensor> {
         self.content
-            .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
+            .tensor(&mut &self.file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))
     }
 
