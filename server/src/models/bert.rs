@@ -126,47 +126,68 @@ impl Config {
     }
 }
 
-/// Every tensor the model reads, with its role; `head` adds the sequence-classification head.
-pub fn tensors(config: &Config, head: bool) -> Vec<(String, Role)> {
-    let mut names = vec![
-        (
-            "embeddings.word_embeddings.weight".to_string(),
-            Role::Embedding,
-        ),
-        ("embeddings.position_embeddings.weight".into(), Role::Plain),
-        (
-            "embeddings.token_type_embeddings.weight".into(),
-            Role::Plain,
-        ),
-        ("embeddings.LayerNorm.weight".into(), Role::Plain),
-        ("embeddings.LayerNorm.bias".into(), Role::Plain),
-    ];
-    let linear = |names: &mut Vec<(String, Role)>, prefix: &str| {
-        names.push((format!("{prefix}.weight"), Role::Linear));
-        names.push((format!("{prefix}.bias"), Role::Plain));
+/// One tensor the model reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub role: Role,
+    pub shape: Vec<usize>,
+}
+
+/// Every tensor the model reads; `head` adds the sequence-classification head.
+pub fn tensors(config: &Config, head: bool) -> Vec<TensorSpec> {
+    let (h, ff) = (config.hidden_size, config.intermediate_size);
+    let mut specs = Vec::new();
+    let mut add = |name: String, role: Role, shape: &[usize]| {
+        specs.push(TensorSpec {
+            name,
+            role,
+            shape: shape.to_vec(),
+        })
     };
-    let norm = |names: &mut Vec<(String, Role)>, prefix: &str| {
-        names.push((format!("{prefix}.weight"), Role::Plain));
-        names.push((format!("{prefix}.bias"), Role::Plain));
+    // `prefix.weight` and its F32 `prefix.bias` of `out` values.
+    let mut layer = |prefix: &str, weight: Role, shape: &[usize]| {
+        add(format!("{prefix}.weight"), weight, shape);
+        add(format!("{prefix}.bias"), Role::Plain, &shape[..1]);
     };
+    layer("embeddings.LayerNorm", Role::Plain, &[h]);
     for i in 0..config.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
         for proj in ["query", "key", "value"] {
-            linear(&mut names, &format!("{p}.attention.self.{proj}"));
+            layer(&format!("{p}.attention.self.{proj}"), Role::Linear, &[h, h]);
         }
-        linear(&mut names, &format!("{p}.attention.output.dense"));
-        norm(&mut names, &format!("{p}.attention.output.LayerNorm"));
-        linear(&mut names, &format!("{p}.intermediate.dense"));
-        linear(&mut names, &format!("{p}.output.dense"));
-        norm(&mut names, &format!("{p}.output.LayerNorm"));
+        layer(
+            &format!("{p}.attention.output.dense"),
+            Role::Linear,
+            &[h, h],
+        );
+        layer(
+            &format!("{p}.attention.output.LayerNorm"),
+            Role::Plain,
+            &[h],
+        );
+        layer(&format!("{p}.intermediate.dense"), Role::Linear, &[ff, h]);
+        layer(&format!("{p}.output.dense"), Role::Linear, &[h, ff]);
+        layer(&format!("{p}.output.LayerNorm"), Role::Plain, &[h]);
     }
     if head {
-        linear(&mut names, "pooler.dense");
+        layer("pooler.dense", Role::Linear, &[h, h]);
         // One output row: quantizing it saves nothing and costs the score precision.
-        names.push(("classifier.weight".into(), Role::Plain));
-        names.push(("classifier.bias".into(), Role::Plain));
+        layer("classifier", Role::Plain, &[1, h]);
     }
-    names
+    let embeddings = [
+        ("word_embeddings", Role::Embedding, config.vocab_size),
+        (
+            "position_embeddings",
+            Role::Plain,
+            config.max_position_embeddings,
+        ),
+        ("token_type_embeddings", Role::Plain, config.type_vocab_size),
+    ];
+    for (table, role, rows) in embeddings {
+        add(format!("embeddings.{table}.weight"), role, &[rows, h]);
+    }
+    specs
 }
 
 /// A batch packed without padding: the inputs' tokens back to back, `lens[i]` of them for
