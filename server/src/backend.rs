@@ -70,8 +70,7 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     );
     let candle_device = match device {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0)
-            .context("--device cuda needs a build with the `cuda` feature and a GPU")?,
+        DeviceKind::Cuda => cuda_device()?,
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = Weights::open(&weights_path, candle_device)?;
@@ -95,6 +94,16 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
         backend,
         device,
     })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> anyhow::Result<Device> {
+    Device::new_cuda(0).context("--device cuda: no usable CUDA GPU")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> anyhow::Result<Device> {
+    anyhow::bail!("--device cuda: this binary was built without the `cuda` feature")
 }
 
 struct BertBackend {

@@ -150,7 +150,7 @@ fn write_gguf(
             }
             let dtype = storage_dtype(spec.role, precision);
             let width = spec.shape.last().copied().unwrap_or(0);
-            if width % dtype.block_size() != 0 {
+            if !width.is_multiple_of(dtype.block_size()) {
                 bail!(
                     "{}: tensor {name} is {width} wide, not a whole number of {dtype:?} blocks",
                     source.display()

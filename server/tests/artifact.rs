@@ -177,3 +177,13 @@ fn quantize_names_a_missing_file() {
     let message = quantize_error(|dir| std::fs::remove_file(dir.join(TOKENIZER_FILE)).unwrap());
     assert!(message.contains(TOKENIZER_FILE), "{message}");
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let dir = common::artifact(&common::minilm(), Precision::F16);
+    let Err(error) = load(dir.path(), DeviceKind::Cuda) else {
+        panic!("loaded on CUDA without the cuda feature");
+    };
+    assert!(error.to_string().contains("`cuda` feature"), "{error}");
+}

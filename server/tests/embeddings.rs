@@ -5,7 +5,7 @@
 mod common;
 
 use qmodel_server::artifact::Precision;
-use qmodel_server::backend::{Encoding, LoadedModel};
+use qmodel_server::backend::{DeviceKind, Encoding, LoadedModel};
 
 struct Reference {
     sentences: Vec<String>,
@@ -56,8 +56,12 @@ fn encodings(model: &LoadedModel, reference: &Reference) -> Vec<Encoding> {
 
 /// Per-sentence cosine to the reference, embedding in batches of mixed lengths.
 fn cosines(precision: Precision) -> Vec<f64> {
+    cosines_on(precision, DeviceKind::Cpu)
+}
+
+fn cosines_on(precision: Precision, device: DeviceKind) -> Vec<f64> {
     let reference = reference();
-    let model = common::loaded(&common::minilm(), precision);
+    let model = common::loaded_on(&common::minilm(), precision, device);
     let inputs = encodings(&model, &reference);
     let embeddings: Vec<Vec<f32>> = inputs
         .chunks(16)
@@ -95,6 +99,18 @@ fn f32_matches_the_reference_per_sentence() {
     for (i, c) in cosines.iter().enumerate() {
         assert!(*c >= 0.9999, "sentence {i}: cosine {c}");
     }
+}
+
+/// FP16 on a GPU: weights and activations F16. Runs only in builds with `--features cuda`.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_f16_stays_close_to_the_reference() {
+    let (mean, min) = summary(
+        Precision::F16,
+        &cosines_on(Precision::F16, DeviceKind::Cuda),
+    );
+    assert!(mean >= 0.9999, "mean cosine {mean}");
+    assert!(min >= 0.999, "min cosine {min}");
 }
 
 /// F16 is the GPU artifact; on CPU its weights are widened to F32.

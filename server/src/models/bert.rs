@@ -61,14 +61,18 @@ impl Config {
             "position_embedding_type {:?} is not supported (only absolute)",
             variant.position_embedding_type
         );
-        let config = Self::deserialize(json)?;
+        Self::deserialize(json)?.validated()
+    }
+
+    fn validated(self) -> anyhow::Result<Self> {
         ensure!(
-            config.num_attention_heads > 0 && config.hidden_size % config.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size {} is not a multiple of num_attention_heads {}",
-            config.hidden_size,
-            config.num_attention_heads
+            self.hidden_size,
+            self.num_attention_heads
         );
-        Ok(config)
+        Ok(self)
     }
 
     pub fn gguf_metadata(&self) -> Vec<(String, Value)> {
@@ -113,7 +117,7 @@ impl Config {
             arch == ARCHITECTURE,
             "architecture {arch:?} is not {ARCHITECTURE:?}"
         );
-        Ok(Self {
+        Self {
             vocab_size: usize_of("bert.vocab_size")?,
             hidden_size: usize_of("bert.embedding_length")?,
             num_hidden_layers: usize_of("bert.block_count")?,
@@ -122,7 +126,8 @@ impl Config {
             max_position_embeddings: usize_of("bert.context_length")?,
             type_vocab_size: usize_of("bert.token_type_count")?,
             layer_norm_eps: f64::from(get("bert.attention.layer_norm_epsilon")?.to_f32()?),
-        })
+        }
+        .validated()
     }
 }
 
@@ -235,6 +240,7 @@ pub struct Model {
 impl Model {
     pub fn load(weights: &Weights, head: bool) -> anyhow::Result<Self> {
         let config = Config::from_gguf(weights.metadata())?;
+        weights.check(&tensors(&config, head))?;
         let eps = config.layer_norm_eps;
         let embeddings = Embeddings {
             words: weights.rows("embeddings.word_embeddings.weight")?,

@@ -88,6 +88,27 @@ impl Weights {
         &self.device
     }
 
+    /// Checks that every tensor of `specs` is present with its shape, so that a malformed
+    /// file fails here, naming the tensor, rather than in the middle of a request.
+    pub fn check(&self, specs: &[bert::TensorSpec]) -> anyhow::Result<()> {
+        for spec in specs {
+            let info = self
+                .content
+                .tensor_infos
+                .get(&spec.name)
+                .with_context(|| format!("{}: no tensor {}", self.path.display(), spec.name))?;
+            ensure!(
+                info.shape.dims() == spec.shape,
+                "{}: tensor {} has shape {:?}, the model needs {:?}",
+                self.path.display(),
+                spec.name,
+                info.shape.dims(),
+                spec.shape
+            );
+        }
+        Ok(())
+    }
+
     fn qtensor(&self, name: &str) -> anyhow::Result<QTensor> {
         self.content
             .tensor(&mut &self.file, name, &Device::Cpu)
@@ -137,6 +158,7 @@ impl Weights {
             .get(name)
             .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
         let (rows, dim) = info.shape.dims2()?;
+        ensure!(rows > 0, "{}: tensor {name} is empty", self.path.display());
         let dtype = info.ggml_dtype;
         ensure!(
             matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q8_0),
@@ -144,7 +166,7 @@ impl Weights {
             self.path.display()
         );
         ensure!(
-            dim % dtype.block_size() == 0,
+            dim.is_multiple_of(dtype.block_size()),
             "{}: tensor {name}: width {dim} is not a whole number of {dtype:?} blocks",
             self.path.display()
         );
