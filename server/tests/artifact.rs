@@ -187,3 +187,43 @@ fn cuda_without_the_feature_is_a_clear_error() {
     };
     assert!(error.to_string().contains("`cuda` feature"), "{error}");
 }
+
+#[test]
+fn the_quantize_command_writes_an_artifact_or_names_what_is_wrong() {
+    let out = tempfile::tempdir().unwrap();
+    let quantize = |from: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+            .arg("quantize")
+            .arg("--from")
+            .arg(from)
+            .arg("--out")
+            .arg(out.path())
+            .args([
+                "--precision",
+                "f16",
+                "--model-version",
+                "7",
+                "--model-id",
+                "minilm",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = quantize(&common::minilm());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let manifest = Manifest::read(out.path()).unwrap();
+    assert_eq!(
+        (manifest.model_id.as_str(), manifest.model_version.as_str()),
+        ("minilm", "7")
+    );
+    assert_eq!(manifest.precision, Precision::F16);
+
+    let failed = quantize(Path::new("/nonexistent"));
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("/nonexistent/config.json"), "{stderr}");
+}
