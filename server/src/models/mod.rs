@@ -284,3 +284,53 @@ pub fn pool(hidden: &[f32], dim: usize, lens: &[usize], pooling: Pooling) -> Vec
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows decoded from the mapped bytes equal candle's own dequantization of the table.
+    #[test]
+    fn row_lookup_matches_dequantization() {
+        let values: Vec<f32> = (0..6 * 64)
+            .map(|i| ((i * 37) % 101) as f32 / 7.0 - 7.0)
+            .collect();
+        let table = Tensor::from_vec(values, (6, 64), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&table, dtype).unwrap();
+            let expected = q.dequantize(&Device::Cpu).unwrap();
+            let file = tempfile::NamedTempFile::new().unwrap();
+            gguf_file::write(&mut file.reopen().unwrap(), &[], &[("table", &q)]).unwrap();
+            let rows = Weights::open(file.path(), Device::Cpu)
+                .unwrap()
+                .rows("table")
+                .unwrap();
+            let mut got = Vec::new();
+            rows.gather(&[5, 0, 5, 2], &mut got).unwrap();
+            let ids = Tensor::new(&[5u32, 0, 5, 2], &Device::Cpu).unwrap();
+            let want: Vec<f32> = expected
+                .index_select(&ids, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+            assert!(rows.gather(&[6], &mut got).is_err(), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn pooling_sees_only_each_inputs_own_tokens() {
+        // Two inputs of 2 and 1 tokens, dim 2, packed back to back.
+        let hidden = [1.0, 2.0, 3.0, 4.0, 10.0, 20.0];
+        assert_eq!(
+            pool(&hidden, 2, &[2, 1], Pooling::Mean),
+            [vec![2.0, 3.0], vec![10.0, 20.0]]
+        );
+        assert_eq!(
+            pool(&hidden, 2, &[2, 1], Pooling::Cls),
+            [vec![1.0, 2.0], vec![10.0, 20.0]]
+        );
+    }
+}
