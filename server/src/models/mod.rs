@@ -1,7 +1,7 @@
 //! Model families, one file each (after candle-transformers): plain structs and functions over
-//! candle tensors. This module holds what they share: reading weights from a memory-mapped
-//! GGUF file, the swappable [`Linear`] layer, embedding-row lookup straight from the quantized
-//! bytes, and pooling.
+//! candle tensors. This module holds what they share: reading weights from a GGUF file, the
+//! swappable [`Linear`] layer, embedding-row lookup straight from the quantized bytes of the
+//! memory-mapped file, and pooling.
 
 pub mod bert;
 
