@@ -1,8 +1,22 @@
 //! The on-disk model artifact: one directory holding `model.gguf`, `tokenizer.json` and
 //! `manifest.json`. The manifest names the model and records the sha256 of every other file,
 //! so a server refuses to start from a truncated or corrupt image layer.
+//!
+//! `model.gguf` (GGUF v2, written by candle's `gguf_file`) holds the architecture as metadata
+//! (`general.architecture` = `bert`, `bert.embedding_length`, `bert.block_count`,
+//! `bert.attention.head_count`, `bert.feed_forward_length`, `bert.context_length`,
+//! `bert.vocab_size`, `bert.token_type_count`, `bert.attention.layer_norm_epsilon`) and the
+//! tensors under Hugging Face's names without the `bert.` prefix (`embeddings.*`,
+//! `encoder.layer.N.*`, and for rerankers `pooler.dense.*` and `classifier.*`). Linear weights
+//! are stored at the artifact's precision (int8: Q8_0, int4: Q4_0, f16: F16, f32: F32), the
+//! word-embedding table as Q8_0 (int8, int4) or F16/F32, everything else as F32.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, ensure};
+use sha2::{Digest, Sha256};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,4 +61,75 @@ pub struct Manifest {
     pub precision: Precision,
     /// File name (relative to the artifact directory) -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Reads `manifest.json` from an artifact directory, without checking the other files.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid manifest", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
+    }
+}
+
+/// Reads and checks an artifact directory: the manifest parses, lists the weights and the
+/// tokenizer, and every file it lists exists with the recorded sha256. Every error is one line
+/// naming the offending file.
+pub fn verify(dir: &Path) -> anyhow::Result<Manifest> {
+    let manifest = Manifest::read(dir)?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    for required in [WEIGHTS_FILE, TOKENIZER_FILE] {
+        ensure!(
+            manifest.files.contains_key(required),
+            "{}: does not list {required}",
+            manifest_path.display()
+        );
+    }
+    for (name, expected) in &manifest.files {
+        // Only plain names: a manifest must not point outside its directory.
+        ensure!(
+            Path::new(name).file_name() == Some(name.as_ref()),
+            "{}: file name {name:?} is not a plain name",
+            manifest_path.display()
+        );
+        let path = dir.join(name);
+        let actual = sha256_file(&path)?;
+        ensure!(
+            actual == *expected,
+            "{}: sha256 {actual} does not match the manifest's {expected}: the file is corrupt or truncated",
+            path.display()
+        );
+    }
+    Ok(manifest)
+}
+
+/// Lowercase hex sha256 of a file. Streams it with `read` rather than through a map, so
+/// checking does not leave the whole file counted in the process's resident memory.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -1,4 +1,15 @@
-//! The interface between the serving side (queue, HTTP) and a model implementation.
+//! The interface between the serving side (queue, HTTP) and a model implementation, and
+//! [`load`], which builds one from an artifact directory.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, ensure};
+use candle_core::{DType, Device, Tensor};
+
+use crate::artifact::{self, MANIFEST_FILE, Manifest, Pooling, TOKENIZER_FILE, Task, WEIGHTS_FILE};
+use crate::models::{Weights, bert, pool};
+use crate::tokenize::Tokenizer;
 
 /// One tokenized input, unpadded. `type_ids` are 0 for a single text and 0/1 for a pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +30,7 @@ impl Encoding {
 
 /// A loaded model. Calls are blocking and CPU/GPU-bound: the queue runs them off the async
 /// runtime. Results must be batch-invariant: an input's output does not depend on what else
-/// shares its batch (padding is masked, no cross-row statistics).
+/// shares its batch (no padding leaks into real tokens, no cross-row statistics).
 pub trait Backend: Send + Sync + 'static {
     /// Pooled sentence embeddings, not normalized (normalization is per request).
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>>;
@@ -33,4 +44,126 @@ pub trait Backend: Send + Sync + 'static {
 pub enum DeviceKind {
     Cpu,
     Cuda,
+}
+
+/// A model ready to serve: what `serve` holds after startup.
+pub struct LoadedModel {
+    pub manifest: Manifest,
+    pub tokenizer: Tokenizer,
+    pub backend: Arc<dyn Backend>,
+    pub device: DeviceKind,
+}
+
+/// Loads an artifact directory: checks the sha256 of every file the manifest lists, maps the
+/// weights and builds the model on `device`. A missing, truncated or corrupt file is an error
+/// whose one-line message names it. On CPU, int8/int4 weights stay block-quantized and the
+/// rest runs in F32; on CUDA every weight is converted to F16 and the model runs in F16.
+pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
+    let manifest = artifact::verify(dir)?;
+    let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
+    ensure!(
+        manifest.architecture == bert::ARCHITECTURE,
+        "{}: architecture {:?} is not supported (only {:?})",
+        dir.join(MANIFEST_FILE).display(),
+        manifest.architecture,
+        bert::ARCHITECTURE
+    );
+    let candle_device = match device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => cuda_device()?,
+    };
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let weights = Weights::open(&weights_path, candle_device)?;
+    let model = bert::Model::load(&weights, manifest.task == Task::Rerank)
+        .with_context(|| format!("{}: cannot build the model", weights_path.display()))?;
+    ensure!(
+        manifest.max_input_tokens <= model.config().max_position_embeddings,
+        "{}: max_input_tokens {} exceeds the model's {} positions",
+        dir.join(MANIFEST_FILE).display(),
+        manifest.max_input_tokens,
+        model.config().max_position_embeddings
+    );
+    let backend = Arc::new(BertBackend {
+        model,
+        task: manifest.task,
+        pooling: manifest.pooling,
+    });
+    Ok(LoadedModel {
+        manifest,
+        tokenizer,
+        backend,
+        device,
+    })
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> anyhow::Result<Device> {
+    Device::new_cuda(0).context("--device cuda: no usable CUDA GPU")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> anyhow::Result<Device> {
+    anyhow::bail!("--device cuda: this binary was built without the `cuda` feature")
+}
+
+struct BertBackend {
+    model: bert::Model,
+    task: Task,
+    pooling: Pooling,
+}
+
+impl BertBackend {
+    /// Runs the encoder on the batch packed without padding (see [`bert::Batch`]); returns
+    /// the last hidden state of every token and the inputs' lengths.
+    fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>)> {
+        let lens: Vec<usize> = batch.iter().map(Encoding::len).collect();
+        ensure!(!lens.contains(&0), "an input has no tokens");
+        ensure!(
+            batch.iter().all(|e| e.type_ids.len() == e.ids.len()),
+            "an input has a different number of ids and type ids"
+        );
+        let ids: Vec<u32> = batch.iter().flat_map(|e| e.ids.iter().copied()).collect();
+        let type_ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|e| e.type_ids.iter().copied())
+            .collect();
+        let hidden = self.model.forward(&bert::Batch {
+            ids: &ids,
+            type_ids: &type_ids,
+            lens: &lens,
+        })?;
+        Ok((hidden, lens))
+    }
+}
+
+impl Backend for BertBackend {
+    fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
+        ensure!(
+            self.task == Task::Embed,
+            "this model is a reranker: it scores, it does not embed"
+        );
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (hidden, lens) = self.encode(batch)?;
+        let hidden: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(pool(
+            &hidden,
+            self.model.config().hidden_size,
+            &lens,
+            self.pooling,
+        ))
+    }
+
+    fn score(&self, batch: &[Encoding]) -> anyhow::Result<Vec<f32>> {
+        ensure!(
+            self.task == Task::Rerank,
+            "this model embeds: it has no reranking head"
+        );
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (hidden, lens) = self.encode(batch)?;
+        self.model.score(&hidden, &lens)
+    }
 }

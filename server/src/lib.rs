@@ -7,4 +7,6 @@
 
 pub mod artifact;
 pub mod backend;
+pub mod models;
+pub mod quantize;
 pub mod tokenize;

@@ -1,0 +1,410 @@
+//! BERT encoder (post-LayerNorm, GELU(erf) feed-forward, absolute positions), as in Hugging
+//! Face `BertModel`, plus the `BertForSequenceClassification` head (pooler + classifier) that
+//! cross-encoder rerankers use. Tensor names are Hugging Face's without the `bert.` prefix.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail, ensure};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{D, DType, Module, Tensor};
+use candle_nn::LayerNorm;
+use serde::Deserialize;
+
+use super::{Linear, Role, RowTable, Weights};
+
+pub const ARCHITECTURE: &str = "bert";
+
+/// Tokens per feed-forward chunk; see [`Layer::forward`].
+const FEED_FORWARD_CHUNK: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+}
+
+/// The parts of a Hugging Face `config.json` this implementation cannot honor unless they
+/// have the usual values.
+#[derive(Deserialize)]
+struct HfVariant {
+    #[serde(default = "gelu")]
+    hidden_act: String,
+    #[serde(default = "absolute")]
+    position_embedding_type: String,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+
+fn absolute() -> String {
+    "absolute".into()
+}
+
+impl Config {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf(json: &serde_json::Value) -> anyhow::Result<Self> {
+        let variant = HfVariant::deserialize(json)?;
+        ensure!(
+            variant.hidden_act == "gelu",
+            "hidden_act {:?} is not supported (only gelu)",
+            variant.hidden_act
+        );
+        ensure!(
+            variant.position_embedding_type == "absolute",
+            "position_embedding_type {:?} is not supported (only absolute)",
+            variant.position_embedding_type
+        );
+        Self::deserialize(json)?.validated()
+    }
+
+    fn validated(self) -> anyhow::Result<Self> {
+        ensure!(
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        Ok(self)
+    }
+
+    pub fn gguf_metadata(&self) -> Vec<(String, Value)> {
+        let u32_of = |v: usize| Value::U32(v as u32);
+        vec![
+            (
+                "general.architecture".into(),
+                Value::String(ARCHITECTURE.into()),
+            ),
+            ("bert.vocab_size".into(), u32_of(self.vocab_size)),
+            ("bert.embedding_length".into(), u32_of(self.hidden_size)),
+            ("bert.block_count".into(), u32_of(self.num_hidden_layers)),
+            (
+                "bert.attention.head_count".into(),
+                u32_of(self.num_attention_heads),
+            ),
+            (
+                "bert.feed_forward_length".into(),
+                u32_of(self.intermediate_size),
+            ),
+            (
+                "bert.context_length".into(),
+                u32_of(self.max_position_embeddings),
+            ),
+            ("bert.token_type_count".into(), u32_of(self.type_vocab_size)),
+            (
+                "bert.attention.layer_norm_epsilon".into(),
+                Value::F32(self.layer_norm_eps as f32),
+            ),
+        ]
+    }
+
+    pub fn from_gguf(metadata: &HashMap<String, Value>) -> anyhow::Result<Self> {
+        let get = |key: &str| {
+            metadata
+                .get(key)
+                .with_context(|| format!("GGUF metadata has no {key}"))
+        };
+        let usize_of = |key: &str| -> anyhow::Result<usize> { Ok(get(key)?.to_u32()? as usize) };
+        let arch = get("general.architecture")?.to_string()?;
+        ensure!(
+            arch == ARCHITECTURE,
+            "architecture {arch:?} is not {ARCHITECTURE:?}"
+        );
+        Self {
+            vocab_size: usize_of("bert.vocab_size")?,
+            hidden_size: usize_of("bert.embedding_length")?,
+            num_hidden_layers: usize_of("bert.block_count")?,
+            num_attention_heads: usize_of("bert.attention.head_count")?,
+            intermediate_size: usize_of("bert.feed_forward_length")?,
+            max_position_embeddings: usize_of("bert.context_length")?,
+            type_vocab_size: usize_of("bert.token_type_count")?,
+            layer_norm_eps: f64::from(get("bert.attention.layer_norm_epsilon")?.to_f32()?),
+        }
+        .validated()
+    }
+}
+
+/// One tensor the model reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub role: Role,
+    pub shape: Vec<usize>,
+}
+
+/// Every tensor the model reads; `head` adds the sequence-classification head.
+pub fn tensors(config: &Config, head: bool) -> Vec<TensorSpec> {
+    let (h, ff) = (config.hidden_size, config.intermediate_size);
+    let mut specs = Vec::new();
+    let mut add = |name: String, role: Role, shape: &[usize]| {
+        specs.push(TensorSpec {
+            name,
+            role,
+            shape: shape.to_vec(),
+        })
+    };
+    // `prefix.weight` and its F32 `prefix.bias` of `out` values.
+    let mut layer = |prefix: &str, weight: Role, shape: &[usize]| {
+        add(format!("{prefix}.weight"), weight, shape);
+        add(format!("{prefix}.bias"), Role::Plain, &shape[..1]);
+    };
+    layer("embeddings.LayerNorm", Role::Plain, &[h]);
+    for i in 0..config.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for proj in ["query", "key", "value"] {
+            layer(&format!("{p}.attention.self.{proj}"), Role::Linear, &[h, h]);
+        }
+        layer(
+            &format!("{p}.attention.output.dense"),
+            Role::Linear,
+            &[h, h],
+        );
+        layer(
+            &format!("{p}.attention.output.LayerNorm"),
+            Role::Plain,
+            &[h],
+        );
+        layer(&format!("{p}.intermediate.dense"), Role::Linear, &[ff, h]);
+        layer(&format!("{p}.output.dense"), Role::Linear, &[h, ff]);
+        layer(&format!("{p}.output.LayerNorm"), Role::Plain, &[h]);
+    }
+    if head {
+        layer("pooler.dense", Role::Linear, &[h, h]);
+        // One output row: quantizing it saves nothing and costs the score precision.
+        layer("classifier", Role::Plain, &[1, h]);
+    }
+    let embeddings = [
+        ("word_embeddings", Role::Embedding, config.vocab_size),
+        (
+            "position_embeddings",
+            Role::Plain,
+            config.max_position_embeddings,
+        ),
+        ("token_type_embeddings", Role::Plain, config.type_vocab_size),
+    ];
+    for (table, role, rows) in embeddings {
+        add(format!("embeddings.{table}.weight"), role, &[rows, h]);
+    }
+    specs
+}
+
+/// A batch packed without padding: the inputs' tokens back to back, `lens[i]` of them for
+/// input `i`. Attention runs per input over its own tokens, so an input's result is computed
+/// by exactly the same operations whatever else shares its batch (padded attention differs in
+/// the last bits, and quantizing activations turns those bits into visible differences).
+pub struct Batch<'a> {
+    pub ids: &'a [u32],
+    pub type_ids: &'a [u32],
+    pub lens: &'a [usize],
+}
+
+struct Embeddings {
+    words: RowTable,
+    positions: Tensor,
+    token_types: Tensor,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+struct Head {
+    pooler: Linear,
+    classifier: Linear,
+}
+
+pub struct Model {
+    config: Config,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    dtype: DType,
+    device: candle_core::Device,
+}
+
+impl Model {
+    pub fn load(weights: &Weights, head: bool) -> anyhow::Result<Self> {
+        let config = Config::from_gguf(weights.metadata())?;
+        weights.check(&tensors(&config, head))?;
+        let eps = config.layer_norm_eps;
+        let embeddings = Embeddings {
+            words: weights.rows("embeddings.word_embeddings.weight")?,
+            positions: weights.tensor("embeddings.position_embeddings.weight")?,
+            token_types: weights.tensor("embeddings.token_type_embeddings.weight")?,
+            norm: weights.layer_norm("embeddings.LayerNorm", eps)?,
+        };
+        ensure!(
+            embeddings.words.dim() == config.hidden_size,
+            "word embeddings are {} wide, the model {}",
+            embeddings.words.dim(),
+            config.hidden_size
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("encoder.layer.{i}");
+                Ok(Layer {
+                    query: weights.linear(&format!("{p}.attention.self.query"))?,
+                    key: weights.linear(&format!("{p}.attention.self.key"))?,
+                    value: weights.linear(&format!("{p}.attention.self.value"))?,
+                    attention_out: weights.linear(&format!("{p}.attention.output.dense"))?,
+                    attention_norm: weights
+                        .layer_norm(&format!("{p}.attention.output.LayerNorm"), eps)?,
+                    intermediate: weights.linear(&format!("{p}.intermediate.dense"))?,
+                    output: weights.linear(&format!("{p}.output.dense"))?,
+                    output_norm: weights.layer_norm(&format!("{p}.output.LayerNorm"), eps)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let head = if head {
+            Some(Head {
+                pooler: weights.linear("pooler.dense")?,
+                classifier: weights.linear("classifier")?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            embeddings,
+            layers,
+            head,
+            dtype: weights.compute_dtype(),
+            device: weights.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
+    pub fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
+        let tokens = batch.ids.len();
+        ensure!(
+            batch.type_ids.len() == tokens && batch.lens.iter().sum::<usize>() == tokens,
+            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
+            batch.type_ids.len(),
+            batch.lens.iter().sum::<usize>()
+        );
+        let max_len = batch.lens.iter().copied().max().unwrap_or(0);
+        ensure!(
+            max_len <= self.config.max_position_embeddings,
+            "{max_len} tokens exceed the model's {} positions",
+            self.config.max_position_embeddings
+        );
+        if let Some(&t) = batch
+            .type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.type_vocab_size)
+        {
+            bail!(
+                "token type {t} is outside the model's {} types",
+                self.config.type_vocab_size
+            );
+        }
+        let dev = &self.device;
+
+        let mut words = Vec::new();
+        self.embeddings.words.gather(batch.ids, &mut words)?;
+        let words = Tensor::from_vec(words, (tokens, self.config.hidden_size), dev)?
+            .to_dtype(self.dtype)?;
+        let positions: Vec<u32> = batch.lens.iter().flat_map(|&len| 0..len as u32).collect();
+        let positions = Tensor::from_vec(positions, tokens, dev)?;
+        let types = Tensor::from_slice(batch.type_ids, tokens, dev)?;
+        let xs = (words
+            + self.embeddings.positions.index_select(&positions, 0)?
+            + self.embeddings.token_types.index_select(&types, 0)?)?;
+        let mut xs = self.embeddings.norm.forward(&xs)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, batch.lens, self.config.num_attention_heads)?;
+        }
+        Ok(xs)
+    }
+
+    /// Relevance logits from the last hidden state of a batch with these input lengths:
+    /// classifier(tanh(pooler([CLS]))).
+    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+        let head = self
+            .head
+            .as_ref()
+            .context("this model has no classification head")?;
+        let starts: Vec<u32> = lens
+            .iter()
+            .scan(0u32, |start, &len| {
+                let first = *start;
+                *start += len as u32;
+                Some(first)
+            })
+            .collect();
+        let cls = hidden.index_select(&Tensor::new(starts, &self.device)?, 0)?;
+        let pooled = head.pooler.forward(&cls)?.tanh()?;
+        let logits = head.classifier.forward(&pooled)?;
+        ensure!(
+            logits.dim(D::Minus1)? == 1,
+            "the classifier has {} labels, a reranker needs 1",
+            logits.dim(D::Minus1)?
+        );
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor, lens: &[usize], heads: usize) -> anyhow::Result<Tensor> {
+        let h = xs.dim(1)?;
+        let hd = h / heads;
+        // Scaling q rather than the scores touches hd values per token instead of len.
+        let q = (self.query.forward(xs)? * (1.0 / (hd as f64).sqrt()))?;
+        let k = self.key.forward(xs)?;
+        let v = self.value.forward(xs)?;
+        let mut contexts = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            // [len, h] -> [heads, len, hd]
+            let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+                t.narrow(0, start, len)?
+                    .reshape((len, heads, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let scores = split(&q)?.matmul(&split(&k)?.t()?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let context = probs
+                .matmul(&split(&v)?)?
+                .transpose(0, 1)?
+                .reshape((len, h))?;
+            contexts.push(context);
+            start += len;
+        }
+        let context = Tensor::cat(&contexts, 0)?;
+        let xs = self
+            .attention_norm
+            .forward(&(self.attention_out.forward(&context)? + xs)?)?;
+        // The feed-forward block works token by token: running it over chunks of tokens bounds
+        // its 4x-wide intermediate activations (25 MB per layer for 32 x 128 tokens in F32).
+        let tokens = xs.dim(0)?;
+        let ff = (0..tokens)
+            .step_by(FEED_FORWARD_CHUNK)
+            .map(|start| {
+                let chunk = xs.narrow(0, start, FEED_FORWARD_CHUNK.min(tokens - start))?;
+                self.output
+                    .forward(&self.intermediate.forward(&chunk)?.gelu_erf()?)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(self.output_norm.forward(&(Tensor::cat(&ff, 0)? + xs)?)?)
+    }
+}
