@@ -7,4 +7,8 @@
 
 pub mod artifact;
 pub mod backend;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod queue;
 pub mod tokenize;
