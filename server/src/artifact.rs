@@ -3,6 +3,11 @@
 //! so a server refuses to start from a truncated or corrupt image layer.
 
 use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, ensure};
+use sha2::{Digest, Sha256};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,4 +52,75 @@ pub struct Manifest {
     pub precision: Precision,
     /// File name (relative to the artifact directory) -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// Reads `manifest.json` from an artifact directory, without checking the other files.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid manifest", path.display()))
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
+    }
+}
+
+/// Reads and checks an artifact directory: the manifest parses, lists the weights and the
+/// tokenizer, and every file it lists exists with the recorded sha256. Every error is one line
+/// naming the offending file.
+pub fn verify(dir: &Path) -> anyhow::Result<Manifest> {
+    let manifest = Manifest::read(dir)?;
+    let manifest_path = dir.join(MANIFEST_FILE);
+    for required in [WEIGHTS_FILE, TOKENIZER_FILE] {
+        ensure!(
+            manifest.files.contains_key(required),
+            "{}: does not list {required}",
+            manifest_path.display()
+        );
+    }
+    for (name, expected) in &manifest.files {
+        // Only plain names: a manifest must not point outside its directory.
+        ensure!(
+            Path::new(name).file_name() == Some(name.as_ref()),
+            "{}: file name {name:?} is not a plain name",
+            manifest_path.display()
+        );
+        let path = dir.join(name);
+        let actual = sha256_file(&path)?;
+        ensure!(
+            actual == *expected,
+            "{}: sha256 {actual} does not match the manifest's {expected}: the file is corrupt or truncated",
+            path.display()
+        );
+    }
+    Ok(manifest)
+}
+
+/// Lowercase hex sha256 of a file. Streams it with `read` rather than through a map, so
+/// checking does not leave the whole file counted in the process's resident memory.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

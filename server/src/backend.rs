@@ -1,4 +1,15 @@
-//! The interface between the serving side (queue, HTTP) and a model implementation.
+//! The interface between the serving side (queue, HTTP) and a model implementation, and
+//! [`load`], which builds one from an artifact directory.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, ensure};
+use candle_core::{DType, Device, Tensor};
+
+use crate::artifact::{self, MANIFEST_FILE, Manifest, Pooling, TOKENIZER_FILE, Task, WEIGHTS_FILE};
+use crate::models::{Weights, bert, pool};
+use crate::tokenize::Tokenizer;
 
 /// One tokenized input, unpadded. `type_ids` are 0 for a single text and 0/1 for a pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,4 +44,124 @@ pub trait Backend: Send + Sync + 'static {
 pub enum DeviceKind {
     Cpu,
     Cuda,
+}
+
+/// A model ready to serve: what `serve` holds after startup.
+pub struct LoadedModel {
+    pub manifest: Manifest,
+    pub tokenizer: Tokenizer,
+    pub backend: Arc<dyn Backend>,
+    pub device: DeviceKind,
+}
+
+/// Loads an artifact directory: checks the sha256 of every file the manifest lists, maps the
+/// weights and builds the model on `device`. A missing, truncated or corrupt file is an error
+/// whose one-line message names it.
+pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
+    let manifest = artifact::verify(dir)?;
+    let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
+    ensure!(
+        manifest.architecture == bert::ARCHITECTURE,
+        "{}: architecture {:?} is not supported (only {:?})",
+        dir.join(MANIFEST_FILE).display(),
+        manifest.architecture,
+        bert::ARCHITECTURE
+    );
+    let candle_device = match device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda => Device::new_cuda(0)
+            .context("--device cuda needs a build with the `cuda` feature and a GPU")?,
+    };
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let weights = Weights::open(&weights_path, candle_device)?;
+    let model = bert::Model::load(&weights, manifest.task == Task::Rerank)
+        .with_context(|| format!("{}: cannot build the model", weights_path.display()))?;
+    ensure!(
+        manifest.max_input_tokens <= model.config().max_position_embeddings,
+        "{}: max_input_tokens {} exceeds the model's {} positions",
+        dir.join(MANIFEST_FILE).display(),
+        manifest.max_input_tokens,
+        model.config().max_position_embeddings
+    );
+    let backend = Arc::new(BertBackend {
+        model,
+        task: manifest.task,
+        pooling: manifest.pooling,
+    });
+    Ok(LoadedModel {
+        manifest,
+        tokenizer,
+        backend,
+        device,
+    })
+}
+
+struct BertBackend {
+    model: bert::Model,
+    task: Task,
+    pooling: Pooling,
+}
+
+impl BertBackend {
+    /// Pads the batch on the right to its longest input and runs the encoder; returns the
+    /// last hidden state, the lengths and the padded length.
+    fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>, usize)> {
+        let lens: Vec<usize> = batch.iter().map(Encoding::len).collect();
+        ensure!(!lens.contains(&0), "an input has no tokens");
+        let seq = lens.iter().copied().max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(batch.len() * seq);
+        let mut type_ids = Vec::with_capacity(batch.len() * seq);
+        for e in batch {
+            ensure!(
+                e.type_ids.len() == e.ids.len(),
+                "an encoding has {} ids but {} type ids",
+                e.ids.len(),
+                e.type_ids.len()
+            );
+            ids.extend(&e.ids);
+            ids.resize(ids.len() + seq - e.len(), 0);
+            type_ids.extend(&e.type_ids);
+            type_ids.resize(type_ids.len() + seq - e.len(), 0);
+        }
+        let hidden = self.model.forward(&bert::Batch {
+            ids: &ids,
+            type_ids: &type_ids,
+            lens: &lens,
+            seq,
+        })?;
+        Ok((hidden, lens, seq))
+    }
+}
+
+impl Backend for BertBackend {
+    fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
+        ensure!(
+            self.task == Task::Embed,
+            "this model is a reranker: it scores, it does not embed"
+        );
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (hidden, lens, seq) = self.encode(batch)?;
+        let hidden: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(pool(
+            &hidden,
+            self.model.config().hidden_size,
+            seq,
+            &lens,
+            self.pooling,
+        ))
+    }
+
+    fn score(&self, batch: &[Encoding]) -> anyhow::Result<Vec<f32>> {
+        ensure!(
+            self.task == Task::Rerank,
+            "this model embeds: it has no reranking head"
+        );
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (hidden, lens, seq) = self.encode(batch)?;
+        self.model.score(&hidden, lens.len(), seq)
+    }
 }

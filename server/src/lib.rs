@@ -10,5 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod models;
+pub mod quantize;
 pub mod queue;
 pub mod tokenize;

@@ -28,7 +28,7 @@ use self::types::{
     TokenizeRequest,
 };
 use crate::artifact::{Manifest, Task};
-use crate::backend::{Backend, DeviceKind, Encoding};
+use crate::backend::{DeviceKind, Encoding, LoadedModel};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::queue::{Admission, Queue, QueueError, QueueLimits, Ticket};
@@ -78,13 +78,13 @@ pub struct App {
 
 impl App {
     /// Starts the batching worker. Not ready until [`App::warm_up`] has run.
-    pub fn new(
-        manifest: Manifest,
-        tokenizer: Tokenizer,
-        backend: Arc<dyn Backend>,
-        device: DeviceKind,
-        limits: Limits,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub fn new(model: LoadedModel, limits: Limits) -> anyhow::Result<Arc<Self>> {
+        let LoadedModel {
+            manifest,
+            tokenizer,
+            backend,
+            device,
+        } = model;
         anyhow::ensure!(
             limits.max_batch_tokens >= manifest.max_input_tokens,
             "max batch tokens ({}) must be at least the model's max input tokens ({})",

@@ -1,0 +1,264 @@
+//! Model families, one file each (after candle-transformers): plain structs and functions over
+//! candle tensors. This module holds what they share: reading weights from a memory-mapped
+//! GGUF file, the swappable [`Linear`] layer, embedding-row lookup straight from the quantized
+//! bytes, and pooling.
+
+pub mod bert;
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail, ensure};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use memmap2::Mmap;
+
+use crate::artifact::{Pooling, Precision};
+
+/// What a tensor is for, which decides how the artifact stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The token embedding table: large, and only a few rows are read per input.
+    Embedding,
+    /// The `[out, in]` weight of a linear layer.
+    Linear,
+    /// Biases, LayerNorm parameters, position tables, tiny heads: kept F32.
+    Plain,
+}
+
+/// The GGUF storage type of a tensor of `role` in an artifact of `precision`.
+pub fn storage_dtype(role: Role, precision: Precision) -> GgmlDType {
+    match (role, precision) {
+        (Role::Plain, _) | (_, Precision::F32) => GgmlDType::F32,
+        (_, Precision::F16) => GgmlDType::F16,
+        // Q4_0 embeddings cost more accuracy than they save: the table is read, not multiplied.
+        (Role::Embedding, Precision::Int8 | Precision::Int4) => GgmlDType::Q8_0,
+        (Role::Linear, Precision::Int8) => GgmlDType::Q8_0,
+        (Role::Linear, Precision::Int4) => GgmlDType::Q4_0,
+    }
+}
+
+/// A memory-mapped GGUF file and the device its tensors are loaded onto.
+pub struct Weights {
+    path: PathBuf,
+    mmap: Arc<Mmap>,
+    content: gguf_file::Content,
+    device: Device,
+}
+
+impl Weights {
+    pub fn open(path: &Path, device: Device) -> anyhow::Result<Self> {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: the artifact is read-only once written (an image layer); a file changed
+        // under the map is outside what the server promises.
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap: Arc::new(mmap),
+            content,
+            device,
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// The dtype activations are computed in: F32 on CPU, F16 on a GPU.
+    pub fn compute_dtype(&self) -> DType {
+        if self.device.is_cpu() {
+            DType::F32
+        } else {
+            DType::F16
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn qtensor(&self, name: &str) -> anyhow::Result<QTensor> {
+        self.content
+            .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))
+    }
+
+    /// A tensor dequantized into the compute dtype, on the device.
+    pub fn tensor(&self, name: &str) -> anyhow::Result<Tensor> {
+        let t = self.qtensor(name)?.dequantize(&Device::Cpu)?;
+        Ok(t.to_dtype(self.compute_dtype())?.to_device(&self.device)?)
+    }
+
+    /// A linear layer `prefix.weight` (`[out, in]`) + `prefix.bias`. Block-quantized weights
+    /// stay quantized on CPU; on a GPU every weight is dense in the compute dtype.
+    pub fn linear(&self, prefix: &str) -> anyhow::Result<Linear> {
+        let weight = self.qtensor(&format!("{prefix}.weight"))?;
+        let bias = self.tensor(&format!("{prefix}.bias"))?;
+        let quantized = !matches!(weight.dtype(), GgmlDType::F32 | GgmlDType::F16);
+        if quantized && self.device.is_cpu() {
+            Ok(Linear::Quantized {
+                weight: QMatMul::from_qtensor(weight)?,
+                bias,
+            })
+        } else {
+            let weight = weight
+                .dequantize(&Device::Cpu)?
+                .to_dtype(self.compute_dtype())?
+                .to_device(&self.device)?;
+            Ok(Linear::Dense { weight, bias })
+        }
+    }
+
+    pub fn layer_norm(&self, prefix: &str, eps: f64) -> anyhow::Result<candle_nn::LayerNorm> {
+        Ok(candle_nn::LayerNorm::new(
+            self.tensor(&format!("{prefix}.weight"))?,
+            self.tensor(&format!("{prefix}.bias"))?,
+            eps,
+        ))
+    }
+
+    /// An embedding table whose rows are decoded from the mapped file on lookup, so the
+    /// table itself never lands in anonymous memory.
+    pub fn rows(&self, name: &str) -> anyhow::Result<RowTable> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let (rows, dim) = info.shape.dims2()?;
+        let dtype = info.ggml_dtype;
+        ensure!(
+            matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q8_0),
+            "{}: tensor {name}: unsupported embedding storage {dtype:?}",
+            self.path.display()
+        );
+        ensure!(
+            dim % dtype.block_size() == 0,
+            "{}: tensor {name}: width {dim} is not a whole number of {dtype:?} blocks",
+            self.path.display()
+        );
+        let row_bytes = dim / dtype.block_size() * dtype.type_size();
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)?;
+        let end = start
+            .checked_add(rows * row_bytes)
+            .filter(|&end| end <= self.mmap.len())
+            .with_context(|| {
+                format!(
+                    "{}: tensor {name} runs past the end of the file",
+                    self.path.display()
+                )
+            })?;
+        Ok(RowTable {
+            mmap: self.mmap.clone(),
+            range: start..end,
+            rows,
+            dim,
+            dtype,
+        })
+    }
+}
+
+/// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`. An enum so that a faster
+/// int8 kernel can take the quantized arm's place without touching the models.
+pub enum Linear {
+    /// Block-quantized weight: candle quantizes each input row on the fly (per row, so
+    /// results do not depend on the other rows in the batch).
+    Quantized { weight: QMatMul, bias: Tensor },
+    /// Dense weight in the compute dtype.
+    Dense { weight: Tensor, bias: Tensor },
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (ys, bias) = match self {
+            Self::Quantized { weight, bias } => (weight.forward(xs)?, bias),
+            Self::Dense { weight, bias } => (xs.matmul(&weight.t()?)?, bias),
+        };
+        ys.broadcast_add(bias)
+    }
+}
+
+/// Rows of a `[rows, dim]` table in a mapped GGUF file, stored F32, F16 or Q8_0.
+pub struct RowTable {
+    mmap: Arc<Mmap>,
+    range: std::ops::Range<usize>,
+    rows: usize,
+    dim: usize,
+    dtype: GgmlDType,
+}
+
+impl RowTable {
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Appends the rows `ids` to `out`, decoded to f32.
+    pub fn gather(&self, ids: &[u32], out: &mut Vec<f32>) -> anyhow::Result<()> {
+        let bytes = &self.mmap[self.range.clone()];
+        let row_bytes = bytes.len() / self.rows;
+        out.reserve(ids.len() * self.dim);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                bail!(
+                    "token id {id} is outside the vocabulary of {} rows",
+                    self.rows
+                );
+            }
+            let row = &bytes[id * row_bytes..(id + 1) * row_bytes];
+            match self.dtype {
+                GgmlDType::F32 => out.extend(
+                    row.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                GgmlDType::F16 => out.extend(
+                    row.chunks_exact(2)
+                        .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                ),
+                // Q8_0 block: an f16 scale, then 32 signed bytes.
+                GgmlDType::Q8_0 => {
+                    for block in row.chunks_exact(GgmlDType::Q8_0.type_size()) {
+                        let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                        out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * scale));
+                    }
+                }
+                other => bail!("unsupported embedding storage {other:?}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pools the last hidden state of right-padded inputs (`hidden` is `[batch * seq, dim]`,
+/// row-major) over each input's own tokens only, so padding never enters the result.
+pub fn pool(
+    hidden: &[f32],
+    dim: usize,
+    seq: usize,
+    lens: &[usize],
+    pooling: Pooling,
+) -> Vec<Vec<f32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let rows = &hidden[i * seq * dim..(i * seq + len) * dim];
+            match pooling {
+                Pooling::Cls => rows[..dim].to_vec(),
+                Pooling::Mean => {
+                    let mut sum = vec![0f32; dim];
+                    for row in rows.chunks_exact(dim) {
+                        sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                    }
+                    sum.iter_mut().for_each(|s| *s /= len as f32);
+                    sum
+                }
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,241 @@
+//! `qmodel-server quantize`: a Hugging Face / sentence-transformers checkpoint -> an artifact
+//! directory (`model.gguf` at the chosen precision, `tokenizer.json`, `manifest.json`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::artifact::{self, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE};
+use crate::models::{bert, storage_dtype};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuantizeArgs {
+    /// Checkpoint directory: config.json, model.safetensors, tokenizer.json and, for
+    /// sentence-transformers models, 1_Pooling/config.json and sentence_bert_config.json.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Artifact directory to write (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "int8")]
+    pub precision: Precision,
+    #[arg(long, default_value = "1")]
+    pub model_version: String,
+    /// Model id served in /info and OpenAI responses [default: the checkpoint directory's name]
+    #[arg(long)]
+    pub model_id: Option<String>,
+}
+
+/// Writes the artifact and prints what it wrote.
+pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
+    let manifest = quantize(args)?;
+    let weights = std::fs::metadata(args.out.join(WEIGHTS_FILE))?.len();
+    println!(
+        "{}: {} {:?} {:?} model, {:?} pooling, {} max tokens, {WEIGHTS_FILE} {weights} bytes",
+        args.out.display(),
+        manifest.model_id,
+        manifest.task,
+        manifest.precision,
+        manifest.pooling,
+        manifest.max_input_tokens,
+    );
+    Ok(())
+}
+
+/// Converts the checkpoint in `args.from` into an artifact in `args.out`.
+pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
+    let from = &args.from;
+    let hf_config: serde_json::Value = read_json(&from.join("config.json"))?;
+    let config = bert::Config::from_hf(&hf_config)
+        .with_context(|| format!("{}: unsupported config", from.join("config.json").display()))?;
+    let task = task_of(&hf_config);
+    let pooling = match task {
+        // A cross-encoder scores the pooled [CLS] state.
+        Task::Rerank => Pooling::Cls,
+        Task::Embed => pooling_of(from)?,
+    };
+    let max_input_tokens = max_tokens_of(from)?
+        .unwrap_or(config.max_position_embeddings)
+        .min(config.max_position_embeddings);
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("{}: cannot create", args.out.display()))?;
+    write_gguf(
+        from,
+        &args.out.join(WEIGHTS_FILE),
+        &config,
+        task,
+        args.precision,
+    )?;
+    let tokenizer = args.out.join(TOKENIZER_FILE);
+    std::fs::copy(from.join(TOKENIZER_FILE), &tokenizer)
+        .with_context(|| format!("{}: cannot copy", from.join(TOKENIZER_FILE).display()))?;
+
+    let files = [WEIGHTS_FILE, TOKENIZER_FILE]
+        .into_iter()
+        .map(|name| {
+            Ok((
+                name.to_string(),
+                artifact::sha256_file(&args.out.join(name))?,
+            ))
+        })
+        .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+    let model_id = match &args.model_id {
+        Some(id) => id.clone(),
+        None => from
+            .canonicalize()?
+            .file_name()
+            .context("--from has no directory name; pass --model-id")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let manifest = Manifest {
+        model_id,
+        model_version: args.model_version.clone(),
+        task,
+        architecture: bert::ARCHITECTURE.into(),
+        pooling,
+        normalize: task == Task::Embed && normalizes(from)?,
+        max_input_tokens,
+        precision: args.precision,
+        files,
+    };
+    // Written last: a directory with a manifest is a complete artifact.
+    manifest.write(&args.out)?;
+    Ok(manifest)
+}
+
+fn write_gguf(
+    from: &Path,
+    out: &Path,
+    config: &bert::Config,
+    task: Task,
+    precision: Precision,
+) -> anyhow::Result<()> {
+    let source = from.join("model.safetensors");
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&source, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let quantized = bert::tensors(config, task == Task::Rerank)
+        .into_iter()
+        .map(|(name, role)| {
+            // Sentence-transformers checkpoints name the encoder bare; classification
+            // checkpoints put it under `bert.` (their `classifier` has no prefix).
+            let tensor = tensors
+                .remove(&format!("bert.{name}"))
+                .or_else(|| tensors.remove(&name))
+                .with_context(|| format!("{}: no tensor {name}", source.display()))?
+                .to_dtype(DType::F32)?;
+            let dtype = storage_dtype(role, precision);
+            let last = tensor.dims().last().copied().unwrap_or(0);
+            if last % dtype.block_size() != 0 {
+                bail!(
+                    "{}: tensor {name} is {last} wide, not a whole number of {dtype:?} blocks",
+                    source.display()
+                );
+            }
+            Ok((name, QTensor::quantize(&tensor, dtype)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let metadata = config.gguf_metadata();
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("{}: cannot create", out.display()))?,
+    );
+    gguf_file::write(&mut file, &metadata, &tensors)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    std::io::Write::flush(&mut file).with_context(|| format!("{}: cannot write", out.display()))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// Reads an optional file; `None` when it does not exist.
+fn read_optional_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Option<T>> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn task_of(config: &serde_json::Value) -> Task {
+    let classifies = config["architectures"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .any(|a| a.ends_with("ForSequenceClassification"));
+    if classifies {
+        Task::Rerank
+    } else {
+        Task::Embed
+    }
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+/// The pooling of `1_Pooling/config.json`; mean when the checkpoint has none.
+fn pooling_of(from: &Path) -> anyhow::Result<Pooling> {
+    let path = from.join("1_Pooling/config.json");
+    let Some(config) = read_optional_json::<PoolingConfig>(&path)? else {
+        return Ok(Pooling::Mean);
+    };
+    match (
+        config.pooling_mode_cls_token,
+        config.pooling_mode_mean_tokens,
+        config.pooling_mode_max_tokens || config.pooling_mode_mean_sqrt_len_tokens,
+    ) {
+        (true, false, false) => Ok(Pooling::Cls),
+        (false, true, false) => Ok(Pooling::Mean),
+        _ => bail!(
+            "{}: unsupported pooling (exactly one of cls or mean is supported)",
+            path.display()
+        ),
+    }
+}
+
+/// `max_seq_length` of `sentence_bert_config.json`, when present.
+fn max_tokens_of(from: &Path) -> anyhow::Result<Option<usize>> {
+    #[derive(Deserialize)]
+    struct SentenceBert {
+        max_seq_length: Option<usize>,
+    }
+    let path = from.join("sentence_bert_config.json");
+    Ok(read_optional_json::<SentenceBert>(&path)?.and_then(|c| c.max_seq_length))
+}
+
+/// Whether the sentence-transformers pipeline ends in a Normalize module. Without a
+/// `modules.json`, embeddings are normalized, as text-embeddings-inference does by default.
+fn normalizes(from: &Path) -> anyhow::Result<bool> {
+    #[derive(Deserialize)]
+    struct Module {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    let path = from.join("modules.json");
+    Ok(match read_optional_json::<Vec<Module>>(&path)? {
+        Some(modules) => modules.iter().any(|m| m.kind.ends_with(".Normalize")),
+        None => true,
+    })
+}

@@ -1,0 +1,132 @@
+//! The artifact format: quantize round trip, and refusal of missing, truncated or corrupt
+//! files with an error naming the file.
+
+mod common;
+
+use std::path::Path;
+
+use qmodel_server::artifact::{
+    MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
+};
+use qmodel_server::backend::{DeviceKind, load};
+
+#[test]
+fn quantize_writes_the_manifest_of_an_embedding_model() {
+    let dir = common::artifact(&common::minilm(), Precision::Int8);
+    let manifest = Manifest::read(dir.path()).unwrap();
+    assert_eq!(manifest.model_id, "all-MiniLM-L6-v2");
+    assert_eq!(manifest.model_version, "test");
+    assert_eq!(manifest.task, Task::Embed);
+    assert_eq!(manifest.architecture, "bert");
+    assert_eq!(manifest.pooling, Pooling::Mean);
+    assert!(manifest.normalize);
+    assert_eq!(manifest.max_input_tokens, 256);
+    assert_eq!(manifest.precision, Precision::Int8);
+    assert_eq!(
+        manifest.files.keys().collect::<Vec<_>>(),
+        [WEIGHTS_FILE, TOKENIZER_FILE]
+    );
+    let model = load(dir.path(), DeviceKind::Cpu).unwrap();
+    assert_eq!(model.manifest, manifest);
+    assert_eq!(model.tokenizer.max_input_tokens(), 256);
+
+    // The int8 artifact is about a quarter of the F32 checkpoint, embedding table included.
+    let f32_bytes = std::fs::metadata(common::minilm().join("model.safetensors"))
+        .unwrap()
+        .len();
+    let int8_bytes = std::fs::metadata(dir.path().join(WEIGHTS_FILE))
+        .unwrap()
+        .len();
+    println!("model.safetensors {f32_bytes} bytes, int8 {WEIGHTS_FILE} {int8_bytes} bytes");
+    assert!(int8_bytes * 3 < f32_bytes);
+}
+
+/// `load`'s error for an artifact damaged by `damage`, which must name `file`.
+fn load_error(damage: impl FnOnce(&Path), file: &str) -> String {
+    let dir = common::artifact(&common::minilm(), Precision::Int8);
+    damage(dir.path());
+    let Err(error) = load(dir.path(), DeviceKind::Cpu) else {
+        panic!("a damaged {file} loaded");
+    };
+    let message = error.to_string();
+    assert!(
+        message.contains(file) && !message.contains('\n'),
+        "error does not name {file} on one line: {message}"
+    );
+    message
+}
+
+#[test]
+fn missing_files_are_named() {
+    for file in [WEIGHTS_FILE, TOKENIZER_FILE, MANIFEST_FILE] {
+        load_error(|dir| std::fs::remove_file(dir.join(file)).unwrap(), file);
+    }
+}
+
+#[test]
+fn truncated_files_are_named() {
+    for file in [WEIGHTS_FILE, TOKENIZER_FILE] {
+        let message = load_error(
+            |dir| {
+                let path = dir.join(file);
+                let len = std::fs::metadata(&path).unwrap().len();
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(len / 2)
+                    .unwrap();
+            },
+            file,
+        );
+        assert!(message.contains("sha256"), "{message}");
+    }
+}
+
+#[test]
+fn corrupt_files_are_named() {
+    load_error(
+        |dir| {
+            let path = dir.join(WEIGHTS_FILE);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x40;
+            std::fs::write(&path, bytes).unwrap();
+        },
+        WEIGHTS_FILE,
+    );
+    load_error(
+        |dir| std::fs::write(dir.join(MANIFEST_FILE), "{\"model_id\": ").unwrap(),
+        MANIFEST_FILE,
+    );
+}
+
+#[test]
+fn a_manifest_must_list_weights_and_tokenizer() {
+    load_error(
+        |dir| {
+            let mut manifest = Manifest::read(dir).unwrap();
+            manifest.files.remove(TOKENIZER_FILE);
+            manifest.write(dir).unwrap();
+        },
+        MANIFEST_FILE,
+    );
+}
+
+#[test]
+fn embeds_related_sentences_closer_than_unrelated_ones() {
+    let model = common::loaded(&common::minilm(), Precision::Int8);
+    let encode = |t: &str| model.tokenizer.encode(t, false).unwrap();
+    let batch = [
+        encode("A man is playing a guitar."),
+        encode("Someone plays an acoustic guitar on stage."),
+        encode("The stock market fell sharply on Tuesday."),
+    ];
+    let e = model.backend.embed(&batch).unwrap();
+    assert_eq!(e.len(), 3);
+    assert_eq!(e[0].len(), 384);
+    let related = common::cosine(&e[0], &e[1]);
+    let unrelated = common::cosine(&e[0], &e[2]);
+    assert!(related > unrelated + 0.3, "{related} vs {unrelated}");
+    assert!(model.backend.score(&batch).is_err());
+}

@@ -1,0 +1,71 @@
+//! Shared by the model tests: real checkpoints from `models/cache/` (a clear failure, never a
+//! skip, when they are missing), artifacts quantized into temporary directories, fixtures.
+
+// Each test binary compiles this module and uses only part of it.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+
+use qmodel_server::artifact::Precision;
+use qmodel_server::backend::{DeviceKind, LoadedModel, load};
+use qmodel_server::quantize::{QuantizeArgs, quantize};
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+/// A checkpoint under `models/cache/`; `make` is the command that creates it.
+pub fn checkpoint(name: &str, make: &str) -> PathBuf {
+    let dir = repo_path(&format!("models/cache/{name}"));
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run `{make}` first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn minilm() -> PathBuf {
+    checkpoint("all-MiniLM-L6-v2", "models/fetch")
+}
+
+pub fn reranker() -> PathBuf {
+    checkpoint(
+        "minilm-reranker-test",
+        "models/fetch && .venv/bin/python models/make_reranker",
+    )
+}
+
+/// Quantizes `from` into a fresh temporary directory.
+pub fn artifact(from: &Path, precision: Precision) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    quantize(&QuantizeArgs {
+        from: from.to_path_buf(),
+        out: out.path().to_path_buf(),
+        precision,
+        model_version: "test".into(),
+        model_id: None,
+    })
+    .unwrap();
+    out
+}
+
+pub fn loaded(from: &Path, precision: Precision) -> LoadedModel {
+    let dir = artifact(from, precision);
+    load(dir.path(), DeviceKind::Cpu).unwrap()
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_path(&format!("server/tests/fixtures/{name}"))
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
