@@ -43,7 +43,7 @@ pub struct ServeArgs {
 /// What the HTTP layer and the queue enforce.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// Padded tokens (longest input x inputs) per batch; at least the model's input limit.
+    /// Tokens per batch (inputs x their length); at least the model's input limit.
     #[arg(long, env = "MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
 

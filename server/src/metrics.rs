@@ -20,7 +20,7 @@ pub struct Metrics {
     pub inference_duration: Histogram,
     /// Inputs per batch.
     pub batch_size: Histogram,
-    /// Padded tokens per batch (longest input x inputs): what the backend computes.
+    /// Tokens per batch (longest input x inputs): what the backend computes.
     pub batch_tokens: Histogram,
     /// Inputs waiting in the queue, not yet in a batch.
     pub queue_depth: IntGauge,
@@ -76,7 +76,7 @@ impl Metrics {
         );
         let batch_tokens = histogram(
             "qmodel_batch_tokens",
-            "Padded tokens per batch",
+            "Tokens per batch, padding included",
             prometheus::exponential_buckets(8.0, 2.0, 14).expect("static bucket parameters"),
         );
         let queue_depth =

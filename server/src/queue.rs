@@ -4,9 +4,9 @@
 //! Admission is bounded: a request first takes an [`Admission`] (one of
 //! `max_concurrent_requests`); when none is left the caller answers "overloaded" at once instead
 //! of letting the queue grow. Each input of an admitted request is a queue entry. The worker
-//! takes everything waiting, drops entries whose requester is gone, sorts the rest by token
-//! count (so a batch pads little), cuts batches by a padded-token budget and a size cap, runs
-//! them and sends each result back on its request's channel.
+//! takes everything waiting, sorts it by token count, cuts batches of equal-length inputs (no
+//! padding, see [`plan_batches`]) within a token budget and a size cap, skips entries whose
+//! requester is gone, runs the batches and sends each result back on its request's channel.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -292,23 +292,28 @@ fn run_batch<O>(batch: Vec<Entry<O>>, run: &RunBatch<O>, metrics: &Metrics) {
     }
 }
 
-/// Cuts inputs, already sorted by ascending length, into consecutive batches: each holds at most
-/// `max_requests` inputs and at most `max_tokens` padded tokens (its longest input times its
-/// size), and at least one input even if that one alone is over budget.
+/// Cuts inputs, already sorted by ascending length, into consecutive batches of equal-length
+/// inputs: each holds at most `max_requests` inputs and at most `max_tokens` tokens, and at
+/// least one input even if that one alone is over budget.
+///
+/// Equal lengths mean no padding at all, which is what makes results batch-invariant bit for
+/// bit: padding changes the float reduction order over the sequence axis (~1e-7 in f32), and
+/// int8 activation quantization turns such differences into rounding flips (~2e-3).
 fn plan_batches(
     sorted_lengths: impl IntoIterator<Item = usize>,
     max_tokens: usize,
     max_requests: usize,
 ) -> Vec<usize> {
     let mut sizes = Vec::new();
-    let mut current = 0;
+    let (mut current, mut current_len) = (0, 0);
     for len in sorted_lengths {
-        // Ascending order: the newcomer is the batch's longest.
-        if current > 0 && (current + 1 > max_requests || (current + 1) * len > max_tokens) {
+        let full = current + 1 > max_requests || (current + 1) * len > max_tokens;
+        if current > 0 && (len != current_len || full) {
             sizes.push(current);
             current = 0;
         }
         current += 1;
+        current_len = len;
     }
     if current > 0 {
         sizes.push(current);
@@ -353,9 +358,13 @@ mod tests {
 
     #[test]
     fn plans_batches_by_padded_tokens_and_count() {
-        assert_eq!(plan_batches([1, 2, 3, 4], 100, 2), vec![2, 2]);
-        // 3 x 10 = 30 fits, a fourth of length 10 would pad to 40.
-        assert_eq!(plan_batches([5, 10, 10, 10, 30], 30, 100), vec![3, 1, 1]);
+        assert_eq!(plan_batches([3, 3, 3, 3, 3], 100, 2), vec![2, 2, 1]);
+        // Lengths never mix; 3 x 10 = 30 fits the budget, a fourth 10 would not.
+        assert_eq!(
+            plan_batches([5, 10, 10, 10, 10, 30], 30, 100),
+            vec![1, 3, 1, 1]
+        );
+        assert_eq!(plan_batches([1, 2, 3], 100, 100), vec![1, 1, 1]);
         // One input over budget still runs, alone.
         assert_eq!(plan_batches([50], 30, 100), vec![1]);
         assert_eq!(plan_batches([], 30, 100), Vec::<usize>::new());
@@ -374,26 +383,30 @@ mod tests {
             }
             record(batch)
         });
-        let queue = Queue::start(run, limits(40, 3), Arc::new(Metrics::new()));
+        let queue = Queue::start(run, limits(40, 2), Arc::new(Metrics::new()));
         let first = submit(&queue, vec![encoding(1, 0)]);
         while lock(&queue.shared.state).pending.len() == 1 {
             std::thread::sleep(Duration::from_millis(1));
         }
         let a = submit(&queue, vec![encoding(9, 1), encoding(2, 1), encoding(5, 1)]);
-        let b = submit(&queue, vec![encoding(3, 2), encoding(8, 2), encoding(1, 2)]);
+        let b = submit(&queue, vec![encoding(2, 2), encoding(9, 2), encoding(2, 2)]);
         release.send(()).unwrap();
 
         assert_eq!(first.results().await.unwrap(), vec![(0, 1)]);
         assert_eq!(a.results().await.unwrap(), vec![(1, 9), (1, 2), (1, 5)]);
-        assert_eq!(b.results().await.unwrap(), vec![(2, 3), (2, 8), (2, 1)]);
-        let lengths: Vec<Vec<usize>> = batches
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| b.iter().map(|&(_, len)| len).collect())
-            .collect();
-        // Round two: sorted 1 2 3 5 8 9, at most 3 per batch, 3 x 9 = 27 <= 40 tokens.
-        assert_eq!(lengths, vec![vec![1], vec![1, 2, 3], vec![5, 8, 9]]);
+        assert_eq!(b.results().await.unwrap(), vec![(2, 2), (2, 9), (2, 2)]);
+        // Round two, sorted by length (arrival order among equals), one length per batch,
+        // at most 2 per batch.
+        assert_eq!(
+            *batches.lock().unwrap(),
+            vec![
+                vec![(0, 1)],
+                vec![(1, 2), (2, 2)],
+                vec![(2, 2)],
+                vec![(1, 5)],
+                vec![(1, 9), (2, 9)],
+            ]
+        );
         queue.shutdown();
     }
 

@@ -209,7 +209,7 @@ async fn embed_routes_answer_in_tei_and_openai_shapes() {
         "normalize=false still normalized"
     );
     let rescaled: Vec<f32> = raw[0].iter().map(|x| x / norm(&raw[0])).collect();
-    assert!(http_support::cosine(&rescaled, &single[0]) > 0.99999);
+    assert!(http_support::common::cosine(&rescaled, &single[0]) > 0.99999);
 
     // `POST /` is /embed for an embedding model (huggingface_hub posts there).
     let root = post(&router, "/", json!({"inputs": texts}))

@@ -23,12 +23,11 @@ use serde_json::Value;
 use tower::ServiceExt;
 
 #[path = "../common/mod.rs"]
-mod common;
-pub use common::{artifact, cosine, minilm};
+pub mod common;
 
 /// The int8 MiniLM artifact, built into a temporary directory.
 pub fn minilm_int8() -> tempfile::TempDir {
-    artifact(&minilm(), Precision::Int8)
+    common::artifact(&common::minilm(), Precision::Int8)
 }
 
 /// An in-process app on the int8 MiniLM; warmed up (ready) when `warm`.
@@ -112,11 +111,11 @@ pub async fn post(router: &Router, path: &str, json: Value) -> Reply {
     call(router, Method::POST, path, json.to_string(), None).await
 }
 
-/// `n` distinct sentences of varied lengths (3 to ~200 tokens).
+/// `n` distinct sentences in eight lengths (~6 to ~200 tokens), so that some share a length.
 pub fn sentences(n: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
-            let words = 1 + (i * 37) % 150;
+            let words = 1 + (i % 8) * 21;
             let mut s = format!("Sentence {i} is about");
             for w in 0..words {
                 s.push_str([" tokens", " queues", " batches", " Zürich", " 42", " λ"][(i + w) % 6]);
