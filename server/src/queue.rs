@@ -335,13 +335,49 @@ mod tests {
         }
     }
 
+    /// (tag, length) of each input of each batch the model ran.
+    type Batches = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;
+
     /// A deterministic stand-in for a model: output = (tag, length); records every batch.
-    fn recording(batches: Arc<Mutex<Vec<Vec<(u32, usize)>>>>) -> RunBatch<(u32, usize)> {
+    fn recording(batches: Batches) -> RunBatch<(u32, usize)> {
         Box::new(move |batch: &[Encoding]| {
             let outputs: Vec<_> = batch.iter().map(|e| (e.ids[0], e.len())).collect();
             batches.lock().unwrap().push(outputs.clone());
             Ok(outputs)
         })
+    }
+
+    /// A recording queue whose worker is held inside a first batch (tag 0, returned as the
+    /// ticket) until the sender is used, so that what is submitted meanwhile forms one round.
+    fn held_queue(limits: QueueLimits, metrics: Arc<Metrics>) -> Held {
+        let batches = Batches::default();
+        let (release, gate) = std_mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let record = recording(batches.clone());
+        let run: RunBatch<(u32, usize)> = Box::new(move |batch| {
+            if batch[0].ids[0] == 0 {
+                gate.lock().unwrap().recv().unwrap();
+            }
+            record(batch)
+        });
+        let queue = Queue::start(run, limits, metrics);
+        let first = submit(&queue, vec![encoding(1, 0)]);
+        while !lock(&queue.shared.state).pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Held {
+            queue,
+            batches,
+            first,
+            release,
+        }
+    }
+
+    struct Held {
+        queue: Queue<(u32, usize)>,
+        batches: Batches,
+        first: Ticket<(u32, usize)>,
+        release: std_mpsc::Sender<()>,
     }
 
     fn limits(max_batch_tokens: usize, max_batch_requests: usize) -> QueueLimits {
@@ -372,22 +408,12 @@ mod tests {
 
     #[tokio::test]
     async fn answers_each_request_in_input_order_from_length_sorted_batches() {
-        let batches = Arc::new(Mutex::new(Vec::new()));
-        // Hold the worker on a first request so the others queue up into one round.
-        let (release, gate) = std_mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let record = recording(batches.clone());
-        let run: RunBatch<(u32, usize)> = Box::new(move |batch| {
-            if batch[0].ids[0] == 0 {
-                gate.lock().unwrap().recv().unwrap();
-            }
-            record(batch)
-        });
-        let queue = Queue::start(run, limits(40, 2), Arc::new(Metrics::new()));
-        let first = submit(&queue, vec![encoding(1, 0)]);
-        while lock(&queue.shared.state).pending.len() == 1 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let Held {
+            queue,
+            batches,
+            first,
+            release,
+        } = held_queue(limits(40, 2), Arc::new(Metrics::new()));
         let a = submit(&queue, vec![encoding(9, 1), encoding(2, 1), encoding(5, 1)]);
         let b = submit(&queue, vec![encoding(2, 2), encoding(9, 2), encoding(2, 2)]);
         release.send(()).unwrap();
@@ -433,22 +459,13 @@ mod tests {
 
     #[tokio::test]
     async fn skips_inputs_of_requests_that_went_away() {
-        let batches = Arc::new(Mutex::new(Vec::new()));
-        let (release, gate) = std_mpsc::channel::<()>();
-        let gate = Mutex::new(gate);
-        let record = recording(batches.clone());
-        let run: RunBatch<(u32, usize)> = Box::new(move |batch| {
-            if batch[0].ids[0] == 0 {
-                gate.lock().unwrap().recv().unwrap();
-            }
-            record(batch)
-        });
         let metrics = Arc::new(Metrics::new());
-        let queue = Queue::start(run, limits(100, 10), metrics.clone());
-        let first = submit(&queue, vec![encoding(1, 0)]);
-        while lock(&queue.shared.state).pending.len() == 1 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let Held {
+            queue,
+            batches,
+            first,
+            release,
+        } = held_queue(limits(100, 10), metrics.clone());
         let gone = submit(&queue, vec![encoding(4, 1), encoding(4, 1)]);
         let kept = submit(&queue, vec![encoding(4, 2)]);
         drop(gone);
