@@ -150,3 +150,66 @@ async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+/// 32 inputs of distinct lengths (the last few truncated to 256 tokens): many batches in a row.
+fn slow_request_body() -> String {
+    let inputs: Vec<String> = (0..32)
+        .map(|i| "queues and batches ".repeat(4 + i * 2))
+        .collect();
+    json!({"inputs": inputs, "truncate": true}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_timeout_gets_504_and_its_queued_inputs_are_dropped() {
+    let model = minilm_int8();
+    let server = Server::start(
+        model.path(),
+        &[("REQUEST_TIMEOUT", "0.05"), ("MAX_BATCH_REQUESTS", "1")],
+    );
+    server.wait_ready().await;
+    let reply = server.request("POST", "/embed", &slow_request_body()).await;
+    reply.expect_error(504, "timeout");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("qmodel_queue_depth").await > 0.0 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.metric("qmodel_cancelled_inputs_total").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_has_its_queued_inputs_dropped() {
+    let model = minilm_int8();
+    let server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "1")]);
+    server.wait_ready().await;
+    let body = slow_request_body();
+    {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(
+            stream,
+            "POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Hang up once the request is queued.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.metric("qmodel_queue_depth").await < 1.0 {
+            assert!(Instant::now() < deadline, "nothing ever queued");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("qmodel_queue_depth").await > 0.0 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let computed = server.metric("qmodel_batch_size_sum").await - 1.0; // minus warm-up
+    let cancelled = server.metric("qmodel_cancelled_inputs_total").await;
+    assert!(
+        cancelled > 0.0,
+        "nothing cancelled ({computed} inputs computed)"
+    );
+    assert_eq!(computed + cancelled, 32.0);
+}
