@@ -1,8 +1,11 @@
 //! `serve` configuration: every flag also comes from an environment variable, named as
-//! text-embeddings-inference names it where TEI has the setting.
+//! text-embeddings-inference names it where TEI has the setting. Boolean variables take
+//! true/false, 1/0, yes/no or on/off.
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
 
 use crate::backend::DeviceKind;
 
@@ -33,7 +36,7 @@ pub struct ServeArgs {
     pub inference_threads: Option<usize>,
 
     /// Log as JSON lines instead of text.
-    #[arg(long, env = "JSON_OUTPUT")]
+    #[arg(long, env = "JSON_OUTPUT", value_parser = BoolishValueParser::new())]
     pub json_output: bool,
 
     #[command(flatten)]
@@ -60,7 +63,7 @@ pub struct Limits {
     pub max_client_batch_size: usize,
 
     /// Truncate over-long inputs when a request does not say (otherwise they get a 422).
-    #[arg(long, env = "AUTO_TRUNCATE")]
+    #[arg(long, env = "AUTO_TRUNCATE", value_parser = BoolishValueParser::new())]
     pub auto_truncate: bool,
 
     /// Largest request body, in bytes.

@@ -101,10 +101,7 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     let model = minilm_int8();
-    let mut server = Server::start(
-        model.path(),
-        &[("MAX_BATCH_REQUESTS", "4"), ("JSON_OUTPUT", "false")],
-    );
+    let mut server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "4")]);
     server.wait_ready().await;
     let texts = sentences(32);
     let clients: Vec<_> = (0..8)

@@ -44,7 +44,7 @@ def server():
             capture_output=True,
         )
         env = dict(os.environ, MODEL_DIR=str(artifact), HOST="127.0.0.1", PORT="0",
-                   API_KEY=API_KEY, RUST_LOG="info")
+                   API_KEY=API_KEY, RUST_LOG="info", JSON_OUTPUT="false")
         proc = subprocess.Popen([BINARY, "serve"], env=env, stdout=subprocess.PIPE, text=True)
         try:
             base = None

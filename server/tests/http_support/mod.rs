@@ -141,6 +141,7 @@ impl Server {
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
             .env("RUST_LOG", "info")
+            .env("JSON_OUTPUT", "false")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
