@@ -1,6 +1,15 @@
 //! The on-disk model artifact: one directory holding `model.gguf`, `tokenizer.json` and
 //! `manifest.json`. The manifest names the model and records the sha256 of every other file,
 //! so a server refuses to start from a truncated or corrupt image layer.
+//!
+//! `model.gguf` (GGUF v2, written by candle's `gguf_file`) holds the architecture as metadata
+//! (`general.architecture` = `bert`, `bert.embedding_length`, `bert.block_count`,
+//! `bert.attention.head_count`, `bert.feed_forward_length`, `bert.context_length`,
+//! `bert.vocab_size`, `bert.token_type_count`, `bert.attention.layer_norm_epsilon`) and the
+//! tensors under Hugging Face's names without the `bert.` prefix (`embeddings.*`,
+//! `encoder.layer.N.*`, and for rerankers `pooler.dense.*` and `classifier.*`). Linear weights
+//! are stored at the artifact's precision (int8: Q8_0, int4: Q4_0, f16: F16, f32: F32), the
+//! word-embedding table as Q8_0 (int8, int4) or F16/F32, everything else as F32.
 
 use std::collections::BTreeMap;
 use std::io::Read;

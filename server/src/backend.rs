@@ -30,7 +30,7 @@ impl Encoding {
 
 /// A loaded model. Calls are blocking and CPU/GPU-bound: the queue runs them off the async
 /// runtime. Results must be batch-invariant: an input's output does not depend on what else
-/// shares its batch (padding is masked, no cross-row statistics).
+/// shares its batch (no padding leaks into real tokens, no cross-row statistics).
 pub trait Backend: Send + Sync + 'static {
     /// Pooled sentence embeddings, not normalized (normalization is per request).
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>>;
@@ -56,7 +56,8 @@ pub struct LoadedModel {
 
 /// Loads an artifact directory: checks the sha256 of every file the manifest lists, maps the
 /// weights and builds the model on `device`. A missing, truncated or corrupt file is an error
-/// whose one-line message names it.
+/// whose one-line message names it. On CPU, int8/int4 weights stay block-quantized and the
+/// rest runs in F32; on CUDA every weight is converted to F16 and the model runs in F16.
 pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     let manifest = artifact::verify(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
@@ -69,8 +70,7 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     );
     let candle_device = match device {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0)
-            .context("--device cuda needs a build with the `cuda` feature and a GPU")?,
+        DeviceKind::Cuda => cuda_device()?,
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = Weights::open(&weights_path, candle_device)?;
@@ -96,6 +96,16 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     })
 }
 
+#[cfg(feature = "cuda")]
+fn cuda_device() -> anyhow::Result<Device> {
+    Device::new_cuda(0).context("--device cuda: no usable CUDA GPU")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> anyhow::Result<Device> {
+    anyhow::bail!("--device cuda: this binary was built without the `cuda` feature")
+}
+
 struct BertBackend {
     model: bert::Model,
     task: Task,
@@ -103,33 +113,26 @@ struct BertBackend {
 }
 
 impl BertBackend {
-    /// Pads the batch on the right to its longest input and runs the encoder; returns the
-    /// last hidden state, the lengths and the padded length.
-    fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>, usize)> {
+    /// Runs the encoder on the batch packed without padding (see [`bert::Batch`]); returns
+    /// the last hidden state of every token and the inputs' lengths.
+    fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>)> {
         let lens: Vec<usize> = batch.iter().map(Encoding::len).collect();
         ensure!(!lens.contains(&0), "an input has no tokens");
-        let seq = lens.iter().copied().max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(batch.len() * seq);
-        let mut type_ids = Vec::with_capacity(batch.len() * seq);
-        for e in batch {
-            ensure!(
-                e.type_ids.len() == e.ids.len(),
-                "an encoding has {} ids but {} type ids",
-                e.ids.len(),
-                e.type_ids.len()
-            );
-            ids.extend(&e.ids);
-            ids.resize(ids.len() + seq - e.len(), 0);
-            type_ids.extend(&e.type_ids);
-            type_ids.resize(type_ids.len() + seq - e.len(), 0);
-        }
+        ensure!(
+            batch.iter().all(|e| e.type_ids.len() == e.ids.len()),
+            "an input has a different number of ids and type ids"
+        );
+        let ids: Vec<u32> = batch.iter().flat_map(|e| e.ids.iter().copied()).collect();
+        let type_ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|e| e.type_ids.iter().copied())
+            .collect();
         let hidden = self.model.forward(&bert::Batch {
             ids: &ids,
             type_ids: &type_ids,
             lens: &lens,
-            seq,
         })?;
-        Ok((hidden, lens, seq))
+        Ok((hidden, lens))
     }
 }
 
@@ -142,12 +145,11 @@ impl Backend for BertBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let (hidden, lens, seq) = self.encode(batch)?;
+        let (hidden, lens) = self.encode(batch)?;
         let hidden: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(pool(
             &hidden,
             self.model.config().hidden_size,
-            seq,
             &lens,
             self.pooling,
         ))
@@ -161,7 +163,7 @@ impl Backend for BertBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let (hidden, lens, seq) = self.encode(batch)?;
-        self.model.score(&hidden, lens.len(), seq)
+        let (hidden, lens) = self.encode(batch)?;
+        self.model.score(&hidden, &lens)
     }
 }

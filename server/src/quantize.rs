@@ -9,7 +9,9 @@ use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::artifact::{self, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE};
+use crate::artifact::{
+    self, MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
+};
 use crate::models::{bert, storage_dtype};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +66,13 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create", args.out.display()))?;
+    // The manifest is written last: until then the directory is not an artifact, even if an
+    // earlier run left one there.
+    let manifest_path = args.out.join(MANIFEST_FILE);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path)
+            .with_context(|| format!("{}: cannot remove", manifest_path.display()))?;
+    }
     write_gguf(
         from,
         &args.out.join(WEIGHTS_FILE),
@@ -87,7 +96,8 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     let model_id = match &args.model_id {
         Some(id) => id.clone(),
         None => from
-            .canonicalize()?
+            .canonicalize()
+            .with_context(|| format!("{}: cannot resolve", from.display()))?
             .file_name()
             .context("--from has no directory name; pass --model-id")?
             .to_string_lossy()
@@ -104,7 +114,6 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         precision: args.precision,
         files,
     };
-    // Written last: a directory with a manifest is a complete artifact.
     manifest.write(&args.out)?;
     Ok(manifest)
 }
@@ -122,7 +131,8 @@ fn write_gguf(
             .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
     let quantized = bert::tensors(config, task == Task::Rerank)
         .into_iter()
-        .map(|(name, role)| {
+        .map(|spec| {
+            let name = spec.name;
             // Sentence-transformers checkpoints name the encoder bare; classification
             // checkpoints put it under `bert.` (their `classifier` has no prefix).
             let tensor = tensors
@@ -130,11 +140,19 @@ fn write_gguf(
                 .or_else(|| tensors.remove(&name))
                 .with_context(|| format!("{}: no tensor {name}", source.display()))?
                 .to_dtype(DType::F32)?;
-            let dtype = storage_dtype(role, precision);
-            let last = tensor.dims().last().copied().unwrap_or(0);
-            if last % dtype.block_size() != 0 {
+            if tensor.dims() != spec.shape {
                 bail!(
-                    "{}: tensor {name} is {last} wide, not a whole number of {dtype:?} blocks",
+                    "{}: tensor {name} has shape {:?}, config.json implies {:?}",
+                    source.display(),
+                    tensor.dims(),
+                    spec.shape
+                );
+            }
+            let dtype = storage_dtype(spec.role, precision);
+            let width = spec.shape.last().copied().unwrap_or(0);
+            if !width.is_multiple_of(dtype.block_size()) {
+                bail!(
+                    "{}: tensor {name} is {width} wide, not a whole number of {dtype:?} blocks",
                     source.display()
                 );
             }

@@ -9,6 +9,7 @@ use qmodel_server::artifact::{
     MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
 };
 use qmodel_server::backend::{DeviceKind, load};
+use qmodel_server::quantize::{QuantizeArgs, quantize};
 
 #[test]
 fn quantize_writes_the_manifest_of_an_embedding_model() {
@@ -129,4 +130,100 @@ fn embeds_related_sentences_closer_than_unrelated_ones() {
     let unrelated = common::cosine(&e[0], &e[2]);
     assert!(related > unrelated + 0.3, "{related} vs {unrelated}");
     assert!(model.backend.score(&batch).is_err());
+}
+
+/// A copy of the MiniLM checkpoint (weights linked) with `edit` applied, and quantize's error.
+fn quantize_error(edit: impl FnOnce(&Path)) -> String {
+    let source = common::minilm();
+    let from = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json", "sentence_bert_config.json"] {
+        std::fs::copy(source.join(file), from.path().join(file)).unwrap();
+    }
+    std::os::unix::fs::symlink(
+        source.join("model.safetensors"),
+        from.path().join("model.safetensors"),
+    )
+    .unwrap();
+    edit(from.path());
+    let out = tempfile::tempdir().unwrap();
+    let args = QuantizeArgs {
+        from: from.path().to_path_buf(),
+        out: out.path().to_path_buf(),
+        precision: Precision::Int8,
+        model_version: "test".into(),
+        model_id: Some("broken".into()),
+    };
+    let error = quantize(&args).expect_err("a broken checkpoint was quantized");
+    assert!(!out.path().join(MANIFEST_FILE).exists());
+    format!("{error:#}")
+}
+
+#[test]
+fn quantize_refuses_a_checkpoint_that_does_not_fit_its_config() {
+    let message = quantize_error(|dir| {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("1536", "1024")).unwrap();
+    });
+    assert!(
+        message.contains("encoder.layer.0.intermediate.dense.weight")
+            && message.contains("[1536, 384]"),
+        "{message}"
+    );
+}
+
+#[test]
+fn quantize_names_a_missing_file() {
+    let message = quantize_error(|dir| std::fs::remove_file(dir.join(TOKENIZER_FILE)).unwrap());
+    assert!(message.contains(TOKENIZER_FILE), "{message}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_a_clear_error() {
+    let dir = common::artifact(&common::minilm(), Precision::F16);
+    let Err(error) = load(dir.path(), DeviceKind::Cuda) else {
+        panic!("loaded on CUDA without the cuda feature");
+    };
+    assert!(error.to_string().contains("`cuda` feature"), "{error}");
+}
+
+#[test]
+fn the_quantize_command_writes_an_artifact_or_names_what_is_wrong() {
+    let out = tempfile::tempdir().unwrap();
+    let quantize = |from: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+            .arg("quantize")
+            .arg("--from")
+            .arg(from)
+            .arg("--out")
+            .arg(out.path())
+            .args([
+                "--precision",
+                "f16",
+                "--model-version",
+                "7",
+                "--model-id",
+                "minilm",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = quantize(&common::minilm());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let manifest = Manifest::read(out.path()).unwrap();
+    assert_eq!(
+        (manifest.model_id.as_str(), manifest.model_version.as_str()),
+        ("minilm", "7")
+    );
+    assert_eq!(manifest.precision, Precision::F16);
+
+    let failed = quantize(Path::new("/nonexistent"));
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("/nonexistent/config.json"), "{stderr}");
 }

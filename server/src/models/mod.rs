@@ -1,7 +1,7 @@
 //! Model families, one file each (after candle-transformers): plain structs and functions over
-//! candle tensors. This module holds what they share: reading weights from a memory-mapped
-//! GGUF file, the swappable [`Linear`] layer, embedding-row lookup straight from the quantized
-//! bytes, and pooling.
+//! candle tensors. This module holds what they share: reading weights from a GGUF file, the
+//! swappable [`Linear`] layer, embedding-row lookup straight from the quantized bytes of the
+//! memory-mapped file, and pooling.
 
 pub mod bert;
 
@@ -40,9 +40,13 @@ pub fn storage_dtype(role: Role, precision: Precision) -> GgmlDType {
     }
 }
 
-/// A memory-mapped GGUF file and the device its tensors are loaded onto.
+/// A GGUF file and the device its tensors are loaded onto. Dense and linear tensors are read
+/// into memory once; the embedding table is served from a memory map of the file.
 pub struct Weights {
     path: PathBuf,
+    /// Tensors are read through the file rather than the map so that their pages are not
+    /// also counted in the process's resident memory after being copied.
+    file: std::fs::File,
     mmap: Arc<Mmap>,
     content: gguf_file::Content,
     device: Device,
@@ -60,6 +64,7 @@ impl Weights {
             .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
         Ok(Self {
             path: path.to_path_buf(),
+            file,
             mmap: Arc::new(mmap),
             content,
             device,
@@ -83,9 +88,30 @@ impl Weights {
         &self.device
     }
 
+    /// Checks that every tensor of `specs` is present with its shape, so that a malformed
+    /// file fails here, naming the tensor, rather than in the middle of a request.
+    pub fn check(&self, specs: &[bert::TensorSpec]) -> anyhow::Result<()> {
+        for spec in specs {
+            let info = self
+                .content
+                .tensor_infos
+                .get(&spec.name)
+                .with_context(|| format!("{}: no tensor {}", self.path.display(), spec.name))?;
+            ensure!(
+                info.shape.dims() == spec.shape,
+                "{}: tensor {} has shape {:?}, the model needs {:?}",
+                self.path.display(),
+                spec.name,
+                info.shape.dims(),
+                spec.shape
+            );
+        }
+        Ok(())
+    }
+
     fn qtensor(&self, name: &str) -> anyhow::Result<QTensor> {
         self.content
-            .tensor(&mut Cursor::new(&self.mmap[..]), name, &Device::Cpu)
+            .tensor(&mut &self.file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", self.path.display()))
     }
 
@@ -132,6 +158,7 @@ impl Weights {
             .get(name)
             .with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
         let (rows, dim) = info.shape.dims2()?;
+        ensure!(rows > 0, "{}: tensor {name} is empty", self.path.display());
         let dtype = info.ggml_dtype;
         ensure!(
             matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::Q8_0),
@@ -139,7 +166,7 @@ impl Weights {
             self.path.display()
         );
         ensure!(
-            dim % dtype.block_size() == 0,
+            dim.is_multiple_of(dtype.block_size()),
             "{}: tensor {name}: width {dim} is not a whole number of {dtype:?} blocks",
             self.path.display()
         );
@@ -235,19 +262,14 @@ impl RowTable {
     }
 }
 
-/// Pools the last hidden state of right-padded inputs (`hidden` is `[batch * seq, dim]`,
-/// row-major) over each input's own tokens only, so padding never enters the result.
-pub fn pool(
-    hidden: &[f32],
-    dim: usize,
-    seq: usize,
-    lens: &[usize],
-    pooling: Pooling,
-) -> Vec<Vec<f32>> {
+/// Pools the last hidden state of a packed batch (`hidden` is `[tokens, dim]`, row-major,
+/// inputs back to back with `lens` tokens each) over each input's own tokens.
+pub fn pool(hidden: &[f32], dim: usize, lens: &[usize], pooling: Pooling) -> Vec<Vec<f32>> {
+    let mut start = 0;
     lens.iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            let rows = &hidden[i * seq * dim..(i * seq + len) * dim];
+        .map(|&len| {
+            let rows = &hidden[start * dim..(start + len) * dim];
+            start += len;
             match pooling {
                 Pooling::Cls => rows[..dim].to_vec(),
                 Pooling::Mean => {
@@ -261,4 +283,54 @@ pub fn pool(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows decoded from the mapped bytes equal candle's own dequantization of the table.
+    #[test]
+    fn row_lookup_matches_dequantization() {
+        let values: Vec<f32> = (0..6 * 64)
+            .map(|i| ((i * 37) % 101) as f32 / 7.0 - 7.0)
+            .collect();
+        let table = Tensor::from_vec(values, (6, 64), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&table, dtype).unwrap();
+            let expected = q.dequantize(&Device::Cpu).unwrap();
+            let file = tempfile::NamedTempFile::new().unwrap();
+            gguf_file::write(&mut file.reopen().unwrap(), &[], &[("table", &q)]).unwrap();
+            let rows = Weights::open(file.path(), Device::Cpu)
+                .unwrap()
+                .rows("table")
+                .unwrap();
+            let mut got = Vec::new();
+            rows.gather(&[5, 0, 5, 2], &mut got).unwrap();
+            let ids = Tensor::new(&[5u32, 0, 5, 2], &Device::Cpu).unwrap();
+            let want: Vec<f32> = expected
+                .index_select(&ids, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+            assert!(rows.gather(&[6], &mut got).is_err(), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn pooling_sees_only_each_inputs_own_tokens() {
+        // Two inputs of 2 and 1 tokens, dim 2, packed back to back.
+        let hidden = [1.0, 2.0, 3.0, 4.0, 10.0, 20.0];
+        assert_eq!(
+            pool(&hidden, 2, &[2, 1], Pooling::Mean),
+            [vec![2.0, 3.0], vec![10.0, 20.0]]
+        );
+        assert_eq!(
+            pool(&hidden, 2, &[2, 1], Pooling::Cls),
+            [vec![1.0, 2.0], vec![10.0, 20.0]]
+        );
+    }
 }

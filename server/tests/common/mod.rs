@@ -52,8 +52,12 @@ pub fn artifact(from: &Path, precision: Precision) -> tempfile::TempDir {
 }
 
 pub fn loaded(from: &Path, precision: Precision) -> LoadedModel {
+    loaded_on(from, precision, DeviceKind::Cpu)
+}
+
+pub fn loaded_on(from: &Path, precision: Precision, device: DeviceKind) -> LoadedModel {
     let dir = artifact(from, precision);
-    load(dir.path(), DeviceKind::Cpu).unwrap()
+    load(dir.path(), device).unwrap()
 }
 
 pub fn fixture(name: &str) -> PathBuf {
