@@ -32,7 +32,12 @@ pub fn minilm_int8() -> tempfile::TempDir {
 
 /// An in-process app on the int8 MiniLM; warmed up (ready) when `warm`.
 pub async fn app(limits: Limits, warm: bool) -> Arc<App> {
-    let dir = minilm_int8();
+    app_on(&common::minilm(), limits, warm).await
+}
+
+/// An in-process app on the int8 artifact of `checkpoint`.
+pub async fn app_on(checkpoint: &Path, limits: Limits, warm: bool) -> Arc<App> {
+    let dir = common::artifact(checkpoint, Precision::Int8);
     let app = App::new(load(dir.path(), DeviceKind::Cpu).unwrap(), limits).unwrap();
     if warm {
         app.warm_up().await.unwrap();
