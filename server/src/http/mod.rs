@@ -434,8 +434,10 @@ async fn rerank(
     Ok(Json(ranks))
 }
 
+/// Takes an admission too: it queues nothing, but its tokenizer work counts as load.
 async fn tokenize(
     State(app): State<Arc<App>>,
+    Admitted(_admission): Admitted,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<Vec<Token>>>, ApiError> {
     let Inputs(texts) = req.inputs;
