@@ -98,3 +98,68 @@ impl Default for Limits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    /// The flag <-> environment variable table that the README documents.
+    #[test]
+    fn every_flag_has_its_tei_style_environment_variable() {
+        let table: Vec<(String, String)> = Cli::command()
+            .get_arguments()
+            .filter_map(|arg| {
+                let env = arg.get_env()?.to_str()?.to_owned();
+                Some((arg.get_long()?.to_owned(), env))
+            })
+            .collect();
+        let expected = [
+            ("model", "MODEL_DIR"),
+            ("host", "HOST"),
+            ("port", "PORT"),
+            ("device", "DEVICE"),
+            ("inference-threads", "INFERENCE_THREADS"),
+            ("json-output", "JSON_OUTPUT"),
+            ("max-batch-tokens", "MAX_BATCH_TOKENS"),
+            ("max-batch-requests", "MAX_BATCH_REQUESTS"),
+            ("max-concurrent-requests", "MAX_CONCURRENT_REQUESTS"),
+            ("max-client-batch-size", "MAX_CLIENT_BATCH_SIZE"),
+            ("auto-truncate", "AUTO_TRUNCATE"),
+            ("payload-limit", "PAYLOAD_LIMIT"),
+            ("api-key", "API_KEY"),
+            ("request-timeout", "REQUEST_TIMEOUT"),
+        ]
+        .map(|(flag, env)| (flag.to_owned(), env.to_owned()));
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "m",
+            "--port",
+            "9",
+            "--auto-truncate",
+            "--request-timeout",
+            "1.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.port, 9);
+        assert!(cli.serve.limits.auto_truncate);
+        assert_eq!(
+            cli.serve.limits.request_timeout,
+            Some(Duration::from_millis(1500))
+        );
+        assert!(parse_seconds("-1").is_err() && parse_seconds("soon").is_err());
+    }
+}

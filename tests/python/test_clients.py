@@ -2,8 +2,8 @@
 encodings) and `huggingface_hub.InferenceClient` (feature extraction), compared with /embed.
 
 Needs `target/release/qmodel-server` (cargo build --release -p qmodel-server, or set
-QMODEL_SERVER) and models/cache/all-MiniLM-L6-v2 (models/fetch). Both missing is a failure,
-never a skip.
+QMODEL_SERVER) and models/cache/all-MiniLM-L6-v2 (models/fetch). Either missing is a failure,
+never a skip. Dependencies: tests/python/requirements.txt (numpy: huggingface_hub returns arrays).
 """
 
 import base64
