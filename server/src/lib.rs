@@ -7,6 +7,10 @@
 
 pub mod artifact;
 pub mod backend;
+pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod models;
 pub mod quantize;
+pub mod queue;
 pub mod tokenize;

@@ -1,6 +1,11 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use qmodel_server::backend::load;
+use qmodel_server::config::ServeArgs;
+use qmodel_server::http::{self, App};
 use qmodel_server::quantize;
 
 #[derive(Parser)]
@@ -12,12 +17,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a model artifact over HTTP (TEI and OpenAI embedding APIs).
+    Serve(ServeArgs),
     /// Convert a Hugging Face / sentence-transformers checkpoint into a model artifact.
     Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Serve(args) => serve(&args),
         Command::Quantize(args) => quantize::run(&args),
     };
     match result {
@@ -26,5 +34,85 @@ fn main() -> ExitCode {
             eprintln!("qmodel-server: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Load (errors exit before the port is bound), bind, warm up, then ready; on SIGTERM or
+/// SIGINT stop accepting, finish every accepted request, exit 0.
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.json_output);
+    if let Some(threads) = args.inference_threads {
+        // SAFETY: no other thread exists yet (the runtime is built below), so nothing can read
+        // the environment concurrently. candle and rayon size their pools from this variable.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    let model = load(&args.model_dir, args.device)?;
+    let app = App::new(model, args.limits.clone())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+
+        let (warm_up_failed, failed) = tokio::sync::oneshot::channel();
+        let warming = app.clone();
+        tokio::spawn(async move {
+            match warming.warm_up().await {
+                Ok(()) => tracing::info!("warmed up; ready"),
+                Err(e) => {
+                    let _ = warm_up_failed.send(e);
+                }
+            }
+        });
+        // Serving ends on a signal, or when warm-up failed (then with its error).
+        let (stop_error, stop_error_rx) = tokio::sync::oneshot::channel();
+        let signal = shutdown_signal()?;
+        let stop = async move {
+            tokio::select! {
+                () = signal => tracing::info!("shutting down: finishing accepted requests"),
+                Ok(e) = failed => {
+                    let _ = stop_error.send(e);
+                }
+            }
+        };
+        http::serve(app.clone(), listener, stop).await?;
+        match stop_error_rx.await {
+            Ok(e) => Err(e.context("warm-up failed")),
+            Err(_) => Ok(()),
+        }
+    })?;
+    // Outside the runtime: this joins the batching thread.
+    app.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
