@@ -3,7 +3,7 @@ encodings) and `huggingface_hub.InferenceClient` (feature extraction), compared 
 
 Needs `target/release/qmodel-server` (cargo build --release -p qmodel-server, or set
 QMODEL_SERVER) and models/cache/all-MiniLM-L6-v2 (models/fetch). Either missing is a failure,
-never a skip. Dependencies: tests/python/requirements.txt (numpy: huggingface_hub returns arrays).
+never a skip. Dependencies: tests/requirements.txt (installed by tests/python-env) (numpy: huggingface_hub returns arrays).
 """
 
 import base64
