@@ -15,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::Client;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -259,7 +261,10 @@ impl TestEnv {
     pub async fn wait_ready(&self, name: &str, version: &str, timeout: Duration) -> DynamicObject {
         let models = self.models();
         wait_for(
-            &format!("QuantizedModel {}/{name} Ready at {version}", self.namespace),
+            &format!(
+                "QuantizedModel {}/{name} Ready at {version}",
+                self.namespace
+            ),
             timeout,
             || async {
                 let model = models.get(name).await.map_err(|e| e.to_string())?;
@@ -401,7 +406,10 @@ impl Operator {
 
     /// Waits until `/readyz` answers 200 (leader election is running).
     pub async fn wait_ready(&mut self) {
-        let what = format!("operator {} to be ready (log: {:?})", self.identity, self.log);
+        let what = format!(
+            "operator {} to be ready (log: {:?})",
+            self.identity, self.log
+        );
         let addr = self.http_addr;
         let child = &mut self.child;
         wait_for(&what, Duration::from_secs(30), || {
@@ -475,6 +483,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
     if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") {
         Ok(body.to_owned())
     } else {
-        Err(format!("GET {path}: {}", head.lines().next().unwrap_or("no response")))
+        Err(format!(
+            "GET {path}: {}",
+            head.lines().next().unwrap_or("no response")
+        ))
     }
 }

@@ -22,8 +22,11 @@ const SETTLE: Duration = Duration::from_secs(60);
 async fn helm_install_establishes_the_crd() {
     let env = TestEnv::new("install").await;
     let helm = repo_root().join("tests/cluster/bin/helm");
-    let status = command(&helm, &["status", RELEASE, "-n", RELEASE_NAMESPACE, "-o", "json"])
-        .expect("helm status");
+    let status = command(
+        &helm,
+        &["status", RELEASE, "-n", RELEASE_NAMESPACE, "-o", "json"],
+    )
+    .expect("helm status");
     let status: serde_json::Value = serde_json::from_str(&status).expect("helm status JSON");
     assert_eq!(status["info"]["status"], "deployed", "{status}");
 
@@ -43,9 +46,17 @@ async fn helm_install_establishes_the_crd() {
     // The chart's own operator Deployment is available (kwok runs its pod) and restricted.
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), RELEASE_NAMESPACE);
     let deployment = deployments.get(RELEASE).await.expect("operator Deployment");
-    let pod = deployment.spec.expect("spec").template.spec.expect("pod spec");
+    let pod = deployment
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod spec");
     let container = &pod.containers[0];
-    let security = container.security_context.as_ref().expect("securityContext");
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
     assert_eq!(
@@ -67,7 +78,9 @@ async fn helm_install_establishes_the_crd() {
             .cloned()
             .unwrap_or_else(|| panic!("env {name}"))
     };
-    let pod_name = env_var("POD_NAME").value_from.expect("POD_NAME from the downward API");
+    let pod_name = env_var("POD_NAME")
+        .value_from
+        .expect("POD_NAME from the downward API");
     assert_eq!(
         pod_name.field_ref.map(|f| f.field_path).as_deref(),
         Some("metadata.name")
@@ -79,7 +92,11 @@ async fn helm_install_establishes_the_crd() {
     wait_for("the chart's operator Deployment available", SETTLE, || {
         let deployments = deployments.clone();
         async move {
-            let status = deployments.get(RELEASE).await.map_err(|e| e.to_string())?.status;
+            let status = deployments
+                .get(RELEASE)
+                .await
+                .map_err(|e| e.to_string())?
+                .status;
             match status.as_ref().and_then(|s| s.available_replicas) {
                 Some(available) if available >= 1 => Ok(()),
                 _ => Err(format!("{status:?}")),
@@ -109,7 +126,11 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
     let pods = env.pods("embed").await;
     assert_eq!(pods.len(), 2);
     for pod in &pods {
-        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
         assert!(node.starts_with("cpu-"), "int8 pod on node {node:?}");
     }
 
@@ -119,11 +140,22 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
     let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "VERSION", "PRECISION", "DEVICE", "ENDPOINT", "AGE"]
+        [
+            "NAME",
+            "READY",
+            "VERSION",
+            "PRECISION",
+            "DEVICE",
+            "ENDPOINT",
+            "AGE"
+        ]
     );
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
     let endpoint = format!("http://embed.{}.svc.cluster.local:8080", env.namespace);
-    assert_eq!(row[..6], ["embed", "True", "v1", "int8", "cpu", endpoint.as_str()]);
+    assert_eq!(
+        row[..6],
+        ["embed", "True", "v1", "int8", "cpu", endpoint.as_str()]
+    );
 }
 
 #[tokio::test]
@@ -146,11 +178,18 @@ async fn fp16_model_runs_on_gpu_nodes_with_gpu_limits_and_toleration() {
         .as_ref()
         .and_then(|r| r.limits.clone())
         .unwrap_or_default();
-    assert_eq!(limits.get("nvidia.com/gpu").map(|q| q.0.as_str()), Some("1"));
+    assert_eq!(
+        limits.get("nvidia.com/gpu").map(|q| q.0.as_str()),
+        Some("1")
+    );
     let tolerates_gpu = spec.tolerations.iter().flatten().any(|t| {
         t.key.as_deref() == Some("nvidia.com/gpu") && t.effect.as_deref() == Some("NoSchedule")
     });
-    assert!(tolerates_gpu, "no nvidia.com/gpu toleration: {:?}", spec.tolerations);
+    assert!(
+        tolerates_gpu,
+        "no nvidia.com/gpu toleration: {:?}",
+        spec.tolerations
+    );
     // The h100 profile's nodeSelector from the chart values.
     assert_eq!(
         spec.node_selector
@@ -160,7 +199,10 @@ async fn fp16_model_runs_on_gpu_nodes_with_gpu_limits_and_toleration() {
         Some("NVIDIA-H100-80GB-HBM3")
     );
     let args = spec.containers[0].args.clone().unwrap_or_default();
-    assert!(args.windows(2).any(|w| w == ["--device", "cuda"]), "{args:?}");
+    assert!(
+        args.windows(2).any(|w| w == ["--device", "cuda"]),
+        "{args:?}"
+    );
 }
 
 #[tokio::test]
@@ -211,7 +253,10 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
         .expect("the watch saw the finished rollout")
         .expect("watch task");
     assert!(seen > 1, "the watch saw {seen} Deployment states");
-    assert!(lowest >= 1, "readyReplicas dropped to {lowest} during the rollout");
+    assert!(
+        lowest >= 1,
+        "readyReplicas dropped to {lowest} during the rollout"
+    );
 
     // A new ReplicaSet took over; the old one is scaled to zero.
     let sets = env
@@ -223,7 +268,11 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
     let by_version = |version: &str| {
         sets.iter()
             .find(|rs| {
-                rs.metadata.labels.as_ref().and_then(|l| l.get(VERSION_LABEL)).map(String::as_str)
+                rs.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(VERSION_LABEL))
+                    .map(String::as_str)
                     == Some(version)
             })
             .and_then(|rs| rs.status.as_ref())
@@ -238,7 +287,12 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
         .await
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .map(|pod| pod.metadata.labels.as_ref().and_then(|l| l.get(VERSION_LABEL).cloned()))
+        .map(|pod| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(VERSION_LABEL).cloned())
+        })
         .collect();
     assert_eq!(versions, [Some("v2".to_owned()), Some("v2".to_owned())]);
 }
@@ -270,7 +324,11 @@ async fn stalled_rollout_degrades_and_the_old_version_keeps_serving() {
     })
     .await;
     let reason = &condition(&degraded, "Degraded")["reason"];
-    assert_eq!(reason, "ProgressDeadlineExceeded", "{}", degraded.data["status"]);
+    assert_eq!(
+        reason, "ProgressDeadlineExceeded",
+        "{}",
+        degraded.data["status"]
+    );
     assert_eq!(degraded.data["status"]["currentVersion"], "v1");
     assert_eq!(degraded.data["status"]["desiredVersion"], "v2");
     wait_for("a RolloutStalled Event", SETTLE, || async {
@@ -284,7 +342,11 @@ async fn stalled_rollout_degrades_and_the_old_version_keeps_serving() {
     let serving: Vec<_> = pods
         .iter()
         .filter(|pod| {
-            pod.metadata.labels.as_ref().and_then(|l| l.get(VERSION_LABEL)).map(String::as_str)
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(VERSION_LABEL))
+                .map(String::as_str)
                 == Some("v1")
                 && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
         })
@@ -330,12 +392,23 @@ async fn invalid_specs_are_rejected_at_apply_time() {
         match env.apply_model(&manifest).await {
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{status:?}");
-                assert!(status.message.contains(message), "{message:?} not in {:?}", status.message);
+                assert!(
+                    status.message.contains(message),
+                    "{message:?} not in {:?}",
+                    status.message
+                );
             }
-            other => panic!("{} was not rejected: {other:?}", manifest["metadata"]["name"]),
+            other => panic!(
+                "{} was not rejected: {other:?}",
+                manifest["metadata"]["name"]
+            ),
         }
     }
-    let stored = env.models().list(&ListParams::default()).await.expect("list");
+    let stored = env
+        .models()
+        .list(&ListParams::default())
+        .await
+        .expect("list");
     assert!(stored.items.is_empty(), "nothing stored");
 }
 
@@ -349,7 +422,10 @@ async fn deleting_the_model_garbage_collects_its_children() {
         .await
         .expect("apply");
     env.wait_ready("embed", "v1", SETTLE).await;
-    env.api::<PodDisruptionBudget>().get("embed").await.expect("PDB exists");
+    env.api::<PodDisruptionBudget>()
+        .get("embed")
+        .await
+        .expect("PDB exists");
 
     env.models()
         .delete("embed", &DeleteParams::default())
@@ -362,9 +438,18 @@ async fn deleting_the_model_garbage_collects_its_children() {
     );
     wait_for("children garbage-collected", SETTLE, || async {
         let left = [
-            ("Deployment", deployments.get_opt("embed").await.map(|o| o.is_some())),
-            ("Service", services.get_opt("embed").await.map(|o| o.is_some())),
-            ("PodDisruptionBudget", budgets.get_opt("embed").await.map(|o| o.is_some())),
+            (
+                "Deployment",
+                deployments.get_opt("embed").await.map(|o| o.is_some()),
+            ),
+            (
+                "Service",
+                services.get_opt("embed").await.map(|o| o.is_some()),
+            ),
+            (
+                "PodDisruptionBudget",
+                budgets.get_opt("embed").await.map(|o| o.is_some()),
+            ),
         ];
         let remaining: Vec<_> = left
             .iter()

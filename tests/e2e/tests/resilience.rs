@@ -4,13 +4,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ResourceQuota, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
-use qmodel_e2e::{
-    Operator, RELEASE_NAMESPACE, TestEnv, VERSION_LABEL, model, wait_for,
-};
+use kube::api::{Api, DeleteParams, ListParams};
+use qmodel_e2e::{Operator, RELEASE_NAMESPACE, TestEnv, VERSION_LABEL, condition, model, wait_for};
 use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -25,23 +23,51 @@ async fn operator_killed_mid_rollout_converges_after_restart() {
         .expect("apply v1");
     env.wait_ready("embed", "v1", SETTLE).await;
 
-    // Kill the operator right after it applied v2, before it can report the rollout's end ...
+    // A quota of three pods holds the v2 rollout mid-way: its surge pod cannot be created.
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "pods"},
+        "spec": {"hard": {"pods": "3"}},
+    }))
+    .expect("quota manifest");
+    let quotas = env.api::<ResourceQuota>();
+    quotas
+        .create(&Default::default(), &quota)
+        .await
+        .expect("create quota");
+    wait_for("the quota to count the pods", SETTLE, || async {
+        let used = quotas.get("pods").await.map_err(|e| e.to_string())?.status;
+        let pods = used
+            .as_ref()
+            .and_then(|s| s.used.as_ref())
+            .and_then(|u| u.get("pods"));
+        if pods.is_some() {
+            Ok(())
+        } else {
+            Err(format!("{used:?}"))
+        }
+    })
+    .await;
     env.apply_model(&model("embed", "v2", "int8", json!({"replicas": 3})))
         .await
         .expect("apply v2");
-    let deployments = env.api::<Deployment>();
-    wait_for("the v2 Deployment template", SETTLE, || async {
-        let deployment = deployments.get("embed").await.map_err(|e| e.to_string())?;
-        let version = deployment
-            .spec
-            .and_then(|s| s.template.metadata)
-            .and_then(|m| m.labels)
-            .and_then(|l| l.get(VERSION_LABEL).cloned());
-        if version.as_deref() == Some("v2") { Ok(()) } else { Err(format!("{version:?}")) }
+    let models = env.models();
+    let rolling = wait_for("the operator to report the v2 rollout", SETTLE, || async {
+        let model = models.get("embed").await.map_err(|e| e.to_string())?;
+        let status = &model.data["status"];
+        if status["desiredVersion"] == "v2" && condition(&model, "Ready")["status"] == "False" {
+            Ok(model)
+        } else {
+            Err(format!("status: {status}"))
+        }
     })
     .await;
+    assert_eq!(rolling.data["status"]["currentVersion"], "v1");
     operator.kill();
-    // ... and change the model again while no operator runs.
+    // While no operator runs: the rollout is unblocked and the model changes again.
+    quotas
+        .delete("pods", &DeleteParams::default())
+        .await
+        .expect("delete quota");
     env.apply_model(&model("embed", "v3", "int8", json!({"replicas": 3})))
         .await
         .expect("apply v3");
@@ -52,8 +78,18 @@ async fn operator_killed_mid_rollout_converges_after_restart() {
     let model = env.wait_ready("embed", "v3", SETTLE).await;
 
     let selector = ListParams::default().labels("serving.qmodel.dev/model=embed");
-    let deployments = deployments.list(&selector).await.expect("Deployments").items;
-    let services = env.api::<Service>().list(&selector).await.expect("Services").items;
+    let deployments = env
+        .api::<Deployment>()
+        .list(&selector)
+        .await
+        .expect("Deployments")
+        .items;
+    let services = env
+        .api::<Service>()
+        .list(&selector)
+        .await
+        .expect("Services")
+        .items;
     let budgets = env
         .api::<PodDisruptionBudget>()
         .list(&selector)
@@ -75,7 +111,11 @@ async fn operator_killed_mid_rollout_converges_after_restart() {
             .iter()
             .map(|pod| pod.labels().get(VERSION_LABEL).cloned().unwrap_or_default())
             .collect();
-        if versions == ["v3", "v3", "v3"] { Ok(()) } else { Err(format!("{versions:?}")) }
+        if versions == ["v3", "v3", "v3"] {
+            Ok(())
+        } else {
+            Err(format!("{versions:?}"))
+        }
     })
     .await;
 }
@@ -112,21 +152,29 @@ async fn only_the_leader_of_two_operators_acts() {
     assert!(leader.metric("qmodel_operator_reconciliations_total").await > 0.0);
     assert_eq!(standby.metric("qmodel_operator_leader").await, 0.0);
     assert_eq!(
-        standby.metric("qmodel_operator_reconciliations_total").await,
+        standby
+            .metric("qmodel_operator_reconciliations_total")
+            .await,
         0.0,
         "the standby reconciled"
     );
     let created = env.events("embed", "Created").await;
     assert!(!created.is_empty(), "a Created Event");
     for event in &created {
-        assert_eq!(event.reporting_instance.as_deref(), Some(leader.identity.as_str()));
+        assert_eq!(
+            event.reporting_instance.as_deref(),
+            Some(leader.identity.as_str())
+        );
     }
 
     // A leader shutting down releases the Lease; the standby takes over and acts.
     let exit = leader.terminate();
     assert!(exit.success(), "leader exited with {exit}");
     wait_for_leadership(&standby).await;
-    assert_eq!(wait_for("the new Lease holder", SETTLE, holder).await, standby.identity);
+    assert_eq!(
+        wait_for("the new Lease holder", SETTLE, holder).await,
+        standby.identity
+    );
     env.apply_model(&model("embed", "v2", "int8", json!({})))
         .await
         .expect("apply v2");
@@ -134,9 +182,13 @@ async fn only_the_leader_of_two_operators_acts() {
 }
 
 async fn wait_for_leadership(operator: &Operator) {
-    wait_for(&format!("{} to lead", operator.identity), SETTLE, || async {
-        let leader = operator.metric("qmodel_operator_leader").await;
-        if leader == 1.0 { Ok(()) } else { Err(leader) }
-    })
+    wait_for(
+        &format!("{} to lead", operator.identity),
+        SETTLE,
+        || async {
+            let leader = operator.metric("qmodel_operator_leader").await;
+            if leader == 1.0 { Ok(()) } else { Err(leader) }
+        },
+    )
     .await;
 }

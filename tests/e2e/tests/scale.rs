@@ -34,17 +34,28 @@ async fn two_hundred_models_all_become_ready() {
 
     let models = env.models();
     wait_for("every model Ready", Duration::from_secs(300), || async {
-        let list = models.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let list = models
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
         let ready = list
             .items
             .iter()
             .filter(|m| condition(m, "Ready")["status"] == "True")
             .count();
-        if ready == MODELS { Ok(()) } else { Err(format!("{ready}/{MODELS} Ready")) }
+        if ready == MODELS {
+            Ok(())
+        } else {
+            Err(format!("{ready}/{MODELS} Ready"))
+        }
     })
     .await;
     let all_ready = start.elapsed();
-    let pods = env.api::<Pod>().list(&ListParams::default()).await.expect("pods");
+    let pods = env
+        .api::<Pod>()
+        .list(&ListParams::default())
+        .await
+        .expect("pods");
     assert_eq!(pods.items.len(), MODELS, "one pod per model");
     // Benchmark figures, not assertions: they depend on the machine.
     println!(
