@@ -22,11 +22,9 @@ use kube::api::{
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Helm release and namespace of the chart under test.
+/// Helm release and namespace of the cluster-wide install of the chart under test.
 pub const RELEASE: &str = "qmodel-operator";
 pub const RELEASE_NAMESPACE: &str = "qmodel-system";
-/// The chart's ServiceAccount (its full name: the release name already contains the chart's).
-pub const SERVICE_ACCOUNT: &str = "qmodel-operator";
 /// Field manager of the objects the tests write, distinct from the operator's.
 const TEST_MANAGER: &str = "qmodel-e2e";
 pub const MODEL_LABEL: &str = "serving.qmodel.dev/model";
@@ -65,20 +63,24 @@ fn kubectl(args: &[&str]) -> Result<String, String> {
     command("kubectl", args)
 }
 
-/// What the one-per-binary chart install leaves for the operators the tests start.
-struct Install {
-    /// Kubeconfig authenticating as the chart's ServiceAccount (a TokenRequest token).
+/// A release of the chart, and what the operators the tests start need from it.
+pub struct Install {
+    /// Where the release lives: its ServiceAccount, ConfigMap and leader-election Role.
+    pub namespace: String,
+    /// The chart's ServiceAccount (the release's full name).
+    pub service_account: String,
+    /// Kubeconfig authenticating as that ServiceAccount (a TokenRequest token).
     service_account_kubeconfig: PathBuf,
     /// The operator configuration the chart rendered into its ConfigMap.
     operator_config: PathBuf,
 }
 
-static INSTALL: OnceLock<Result<Install, String>> = OnceLock::new();
+static SHARED_INSTALL: OnceLock<Result<Install, String>> = OnceLock::new();
 
-/// `helm upgrade --install` of the chart (CRD included) with `tests/e2e/values.yaml`, once per
-/// test binary; idempotent across binaries.
-fn install() -> &'static Install {
-    INSTALL
+/// The cluster-wide release with `tests/e2e/values.yaml`, installed once per test binary
+/// (`helm upgrade --install`, so idempotent across binaries); it brings the CRD.
+fn shared_install() -> &'static Install {
+    SHARED_INSTALL
         .get_or_init(|| {
             let kubeconfig = std::env::var("KUBECONFIG").map_err(|_| {
                 "KUBECONFIG is not set: the e2e tests need the control plane of tests/cluster/up \
@@ -88,86 +90,102 @@ fn install() -> &'static Install {
             kubectl(&["get", "--raw", "/readyz", "--request-timeout=10s"]).map_err(|error| {
                 format!("the cluster of KUBECONFIG={kubeconfig} is unreachable: {error}")
             })?;
-            let root = repo_root();
-            let helm = std::env::var_os("HELM")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("tests/cluster/bin/helm"));
-            let chart = root.join("charts/qmodel-operator");
-            let values = root.join("tests/e2e/values.yaml");
-            command(
-                &helm,
-                &[
-                    "upgrade",
-                    "--install",
-                    RELEASE,
-                    path_str(&chart),
-                    "--namespace",
-                    RELEASE_NAMESPACE,
-                    "--create-namespace",
-                    "--values",
-                    path_str(&values),
-                    "--wait",
-                    "--timeout",
-                    "120s",
-                ],
-            )?;
-            let token = kubectl(&[
-                "create",
-                "token",
-                SERVICE_ACCOUNT,
-                "--namespace",
-                RELEASE_NAMESPACE,
-                "--duration",
-                "2h",
-            ])?;
-            let server = kubectl(&[
-                "config",
-                "view",
-                "--minify",
-                "--raw",
-                "-o",
-                "jsonpath={.clusters[0].cluster.server}",
-            ])?;
-            let ca = kubectl(&[
-                "config",
-                "view",
-                "--minify",
-                "--raw",
-                "-o",
-                "jsonpath={.clusters[0].cluster.certificate-authority-data}",
-            ])?;
-            let dir = work_dir();
-            let service_account_kubeconfig = dir.join(format!("sa-{}.kubeconfig", std::process::id()));
-            let user = format!("system:serviceaccount:{RELEASE_NAMESPACE}:{SERVICE_ACCOUNT}");
-            let config = json!({
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "e2e", "cluster": {"server": server, "certificate-authority-data": ca}}],
-                "users": [{"name": user, "user": {"token": token.trim()}}],
-                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": user, "namespace": RELEASE_NAMESPACE}}],
-                "current-context": "e2e",
-            });
-            fs::write(&service_account_kubeconfig, config.to_string())
-                .map_err(|error| format!("writing {service_account_kubeconfig:?}: {error}"))?;
-            let operator_config = dir.join(format!("operator-config-{}.yaml", std::process::id()));
-            let rendered = kubectl(&[
-                "get",
-                "configmap",
+            let values = repo_root().join("tests/e2e/values.yaml");
+            helm_install(
                 RELEASE,
-                "--namespace",
                 RELEASE_NAMESPACE,
-                "-o",
-                "jsonpath={.data.config\\.yaml}",
-            ])?;
-            fs::write(&operator_config, rendered)
-                .map_err(|error| format!("writing {operator_config:?}: {error}"))?;
-            Ok(Install {
-                service_account_kubeconfig,
-                operator_config,
-            })
+                &["--create-namespace", "--values", path_str(&values)],
+            )
         })
         .as_ref()
         .unwrap_or_else(|error| panic!("e2e setup failed: {error}"))
+}
+
+/// Installs (or upgrades) release `release` of the chart into `namespace` with `--wait`, then
+/// writes a kubeconfig with a token of its ServiceAccount and the operator config it rendered.
+pub fn helm_install(release: &str, namespace: &str, args: &[&str]) -> Result<Install, String> {
+    let root = repo_root();
+    let helm = std::env::var_os("HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("tests/cluster/bin/helm"));
+    let chart = root.join("charts/qmodel-operator");
+    let mut helm_args = vec![
+        "upgrade",
+        "--install",
+        release,
+        path_str(&chart),
+        "--namespace",
+        namespace,
+        "--wait",
+        "--timeout",
+        "120s",
+    ];
+    helm_args.extend_from_slice(args);
+    command(&helm, &helm_args)?;
+    // The ServiceAccount and ConfigMap carry the release's full name.
+    let service_account = kubectl(&[
+        "get",
+        "serviceaccount",
+        "--namespace",
+        namespace,
+        "--selector",
+        &format!("app.kubernetes.io/instance={release}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])?;
+    let token = kubectl(&[
+        "create",
+        "token",
+        &service_account,
+        "--namespace",
+        namespace,
+        "--duration",
+        "2h",
+    ])?;
+    let cluster_field = |field: &str| {
+        kubectl(&[
+            "config",
+            "view",
+            "--minify",
+            "--raw",
+            "-o",
+            &format!("jsonpath={{.clusters[0].cluster.{field}}}"),
+        ])
+    };
+    let user = format!("system:serviceaccount:{namespace}:{service_account}");
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "e2e", "cluster": {
+            "server": cluster_field("server")?,
+            "certificate-authority-data": cluster_field("certificate-authority-data")?,
+        }}],
+        "users": [{"name": user, "user": {"token": token.trim()}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": user, "namespace": namespace}}],
+        "current-context": "e2e",
+    });
+    let dir = work_dir();
+    let service_account_kubeconfig = dir.join(format!("{namespace}-{release}.kubeconfig"));
+    fs::write(&service_account_kubeconfig, config.to_string())
+        .map_err(|error| format!("writing {service_account_kubeconfig:?}: {error}"))?;
+    let rendered = kubectl(&[
+        "get",
+        "configmap",
+        &service_account,
+        "--namespace",
+        namespace,
+        "-o",
+        "jsonpath={.data.config\\.yaml}",
+    ])?;
+    let operator_config = dir.join(format!("{namespace}-{release}-config.yaml"));
+    fs::write(&operator_config, rendered)
+        .map_err(|error| format!("writing {operator_config:?}: {error}"))?;
+    Ok(Install {
+        namespace: namespace.to_owned(),
+        service_account,
+        service_account_kubeconfig,
+        operator_config,
+    })
 }
 
 fn path_str(path: &Path) -> &str {
@@ -204,7 +222,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// Installs the chart if this binary has not yet, and creates the test's namespace.
     pub async fn new(test: &str) -> Self {
-        install();
+        shared_install();
         let client = Client::try_default()
             .await
             .unwrap_or_else(|error| panic!("building a client from KUBECONFIG: {error}"));
@@ -308,10 +326,15 @@ impl TestEnv {
             .collect()
     }
 
-    /// Starts the operator as the chart's ServiceAccount, reconciling this namespace only, with
-    /// a Lease of its own so tests running side by side do not share a leader.
+    /// Starts the operator as the shared release's ServiceAccount, reconciling this namespace
+    /// only, with a Lease of its own so tests running side by side do not share a leader.
     pub fn operator(&self, identity: &str) -> Operator {
-        Operator::start(&self.namespace, identity)
+        self.operator_of(shared_install(), identity)
+    }
+
+    /// Starts the operator as `install`'s ServiceAccount, with its config and Lease namespace.
+    pub fn operator_of(&self, install: &Install, identity: &str) -> Operator {
+        Operator::start(install, &self.namespace, identity)
     }
 }
 
@@ -364,8 +387,7 @@ pub struct Operator {
 }
 
 impl Operator {
-    fn start(namespace: &str, identity: &str) -> Self {
-        let install = install();
+    fn start(install: &Install, namespace: &str, identity: &str) -> Self {
         let binary = repo_root().join("target/release/qmodel-operator");
         assert!(
             binary.exists(),
@@ -386,7 +408,7 @@ impl Operator {
             .args(["--http-addr", &http_addr.to_string()])
             .args(["--watch-namespace", namespace])
             .args(["--lease-name", &format!("qmodel-operator-{namespace}")])
-            .args(["--lease-namespace", RELEASE_NAMESPACE])
+            .args(["--lease-namespace", &install.namespace])
             .args(["--identity", identity])
             .env("KUBECONFIG", &install.service_account_kubeconfig)
             .env("RUST_LOG", "info")

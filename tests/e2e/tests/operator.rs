@@ -4,15 +4,17 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use qmodel_e2e::{
-    MODEL_LABEL, RELEASE, RELEASE_NAMESPACE, TestEnv, VERSION_LABEL, command, condition, model,
-    repo_root, wait_for,
+    MODEL_LABEL, RELEASE, RELEASE_NAMESPACE, TestEnv, VERSION_LABEL, command, condition,
+    helm_install, model, repo_root, wait_for,
 };
 use serde_json::json;
 
@@ -464,4 +466,99 @@ async fn deleting_the_model_garbage_collects_its_children() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn namespaced_install_works_with_roles_only() {
+    let env = TestEnv::new("namespaced").await;
+    let watch = format!("watchNamespaces={{{}}}", env.namespace);
+    let install = helm_install(
+        "qmodel-ns",
+        &env.namespace,
+        &[
+            "--set",
+            &watch,
+            "--set",
+            "leaderElection=true",
+            "--skip-crds",
+        ],
+    )
+    .expect("namespaced helm install");
+    let cluster_roles = Api::<ClusterRole>::all(env.client.clone());
+    let fullname = &install.service_account;
+    assert!(
+        cluster_roles
+            .get_opt(fullname)
+            .await
+            .expect("get")
+            .is_none(),
+        "a namespaced install has no ClusterRole"
+    );
+    let user = format!("system:serviceaccount:{}:{fullname}", env.namespace);
+    assert!(can_i(&env, &user, "list", "quantizedmodels", Some(&env.namespace)).await);
+    assert!(
+        !can_i(&env, &user, "list", "quantizedmodels", None).await,
+        "cluster-wide list"
+    );
+
+    let mut operator = env.operator_of(&install, "op");
+    operator.wait_ready().await;
+    env.apply_model(&model("embed", "v1", "int8", json!({})))
+        .await
+        .expect("apply");
+    env.wait_ready("embed", "v1", SETTLE).await;
+}
+
+#[tokio::test]
+async fn chart_rbac_denies_what_the_operator_does_not_need() {
+    let env = TestEnv::new("rbac").await;
+    let user = format!("system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}");
+    let namespace = Some(env.namespace.as_str());
+    for (verb, resource, allowed) in [
+        ("watch", "quantizedmodels", true),
+        ("patch", "deployments", true),
+        ("delete", "deployments", false),
+        ("update", "quantizedmodels", false),
+        ("delete", "services", false),
+        ("get", "secrets", false),
+        ("list", "pods", false),
+    ] {
+        assert_eq!(
+            can_i(&env, &user, verb, resource, namespace).await,
+            allowed,
+            "{verb} {resource}"
+        );
+    }
+}
+
+/// Whether `user` may `verb` `resource` (any API group) in `namespace` (all when `None`).
+async fn can_i(
+    env: &TestEnv,
+    user: &str,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+) -> bool {
+    let group = match resource {
+        "quantizedmodels" => "serving.qmodel.dev",
+        "deployments" => "apps",
+        _ => "",
+    };
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": user,
+            "resourceAttributes": {
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "namespace": namespace.unwrap_or_default(),
+            },
+        },
+    }))
+    .expect("review manifest");
+    let review = Api::<SubjectAccessReview>::all(env.client.clone())
+        .create(&Default::default(), &review)
+        .await
+        .expect("SubjectAccessReview");
+    review.status.expect("review status").allowed
 }
