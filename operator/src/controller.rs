@@ -226,7 +226,10 @@ pub async fn run(
     let scopes: Vec<Option<&str>> = if namespaces.is_empty() {
         vec![None]
     } else {
-        namespaces.iter().map(|namespace| Some(namespace.as_str())).collect()
+        namespaces
+            .iter()
+            .map(|namespace| Some(namespace.as_str()))
+            .collect()
     };
     futures::future::join_all(
         scopes
@@ -265,8 +268,14 @@ async fn run_scope(
         scoped::<QuantizedModel>(client.clone(), namespace),
         watcher::Config::default().any_semantic(),
     )
-    .owns(scoped::<Deployment>(client.clone(), namespace), managed.clone())
-    .owns(scoped::<Service>(client.clone(), namespace), managed.clone())
+    .owns(
+        scoped::<Deployment>(client.clone(), namespace),
+        managed.clone(),
+    )
+    .owns(
+        scoped::<Service>(client.clone(), namespace),
+        managed.clone(),
+    )
     .owns(scoped::<PodDisruptionBudget>(client, namespace), managed)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
