@@ -19,6 +19,9 @@ use qmodel_e2e::{
 use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(60);
+/// The garbage collector notices a new CRD on its 30 s discovery resync: on a fresh cluster
+/// the first cascade waits for that (seen: 42 s).
+const GARBAGE_COLLECTION: Duration = Duration::from_secs(120);
 
 #[tokio::test]
 async fn helm_install_establishes_the_crd() {
@@ -438,7 +441,7 @@ async fn deleting_the_model_garbage_collects_its_children() {
         env.api::<Service>(),
         env.api::<PodDisruptionBudget>(),
     );
-    wait_for("children garbage-collected", SETTLE, || async {
+    wait_for("children garbage-collected", GARBAGE_COLLECTION, || async {
         let left = [
             (
                 "Deployment",
