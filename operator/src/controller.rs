@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -215,8 +215,47 @@ pub fn error_policy(model: Arc<QuantizedModel>, error: &Error, ctx: Arc<Context>
     Action::requeue(delay)
 }
 
-/// Runs the controller until `shutdown` completes or a termination signal arrives.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+/// Runs the controller until `shutdown` completes: cluster-wide when `namespaces` is empty,
+/// otherwise one controller per namespace, so a namespaced install needs only Roles there.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespaces: &[String],
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = shutdown.shared();
+    let scopes: Vec<Option<&str>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces
+            .iter()
+            .map(|namespace| Some(namespace.as_str()))
+            .collect()
+    };
+    futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|scope| run_scope(ctx.clone(), scope, shutdown.clone())),
+    )
+    .await;
+}
+
+/// `Api::all` for the cluster-wide scope, else the namespace's.
+fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    }
+}
+
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     // Children are matched to their owner through owner references; the label keeps the
     // watches to objects this operator manages.
@@ -226,12 +265,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         resources::MANAGED_BY
     ));
     Controller::new(
-        Api::<QuantizedModel>::all(client.clone()),
+        scoped::<QuantizedModel>(client.clone(), namespace),
         watcher::Config::default().any_semantic(),
     )
-    .owns(Api::<Deployment>::all(client.clone()), managed.clone())
-    .owns(Api::<Service>::all(client.clone()), managed.clone())
-    .owns(Api::<PodDisruptionBudget>::all(client), managed)
+    .owns(
+        scoped::<Deployment>(client.clone(), namespace),
+        managed.clone(),
+    )
+    .owns(
+        scoped::<Service>(client.clone(), namespace),
+        managed.clone(),
+    )
+    .owns(scoped::<PodDisruptionBudget>(client, namespace), managed)
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {

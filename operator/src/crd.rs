@@ -372,12 +372,23 @@ mod tests {
     const MAX_NAME_LENGTH: usize = 63;
 
     #[test]
-    fn committed_crd_is_current() {
-        let committed = include_str!("../../crds/quantizedmodel.yaml");
-        assert!(
-            committed == crd_yaml(),
-            "crds/quantizedmodel.yaml is stale: run `cargo run -p qmodel-operator -- crd > crds/quantizedmodel.yaml`"
-        );
+    fn committed_crds_are_current() {
+        // The repository's copy and the Helm chart's (helm installs charts/*/crds/ verbatim).
+        for (path, committed) in [
+            (
+                "crds/quantizedmodel.yaml",
+                include_str!("../../crds/quantizedmodel.yaml"),
+            ),
+            (
+                "charts/qmodel-operator/crds/quantizedmodel.yaml",
+                include_str!("../../charts/qmodel-operator/crds/quantizedmodel.yaml"),
+            ),
+        ] {
+            assert!(
+                committed == crd_yaml(),
+                "{path} is stale: run `cargo run -p qmodel-operator -- crd > {path}`"
+            );
+        }
     }
 
     #[test]

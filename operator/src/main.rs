@@ -72,6 +72,14 @@ struct RunArgs {
     /// This replica's identity in the Lease and in Events; set it to the pod name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Reconcile only models in these namespaces (repeat the flag, or comma-separate in the
+    /// env); all namespaces when unset.
+    #[arg(
+        long = "watch-namespace",
+        env = "QMODEL_OPERATOR_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -135,7 +143,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.ready.store(true, Ordering::Relaxed);
         metrics.leader.set(1);
         info!("leader election disabled; reconciling");
-        controller::run(ctx, termination()).await;
+        controller::run(ctx, &args.watch_namespaces, termination()).await;
         return Ok(());
     }
 
@@ -156,7 +164,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.leader.set(1);
     info!(%identity, "became leader; reconciling");
     let lost = leader::lost(election.leadership.clone());
-    controller::run(ctx, async move {
+    controller::run(ctx, &args.watch_namespaces, async move {
         tokio::select! {
             () = lost => {}
             () = termination() => {}
@@ -237,5 +245,19 @@ mod tests {
         };
         assert_eq!(args.config, Some(PathBuf::from("/etc/qmodel/config.yaml")));
         assert!(args.leader_election);
+        assert!(args.watch_namespaces.is_empty(), "cluster-wide by default");
+    }
+
+    #[test]
+    fn watch_namespaces_repeat_or_comma_separate() {
+        let cli = Cli::try_parse_from([
+            "qmodel-operator",
+            "--watch-namespace",
+            "a,b",
+            "--watch-namespace",
+            "c",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.watch_namespaces, ["a", "b", "c"]);
     }
 }
