@@ -64,7 +64,8 @@ def main():
     a = ap.parse_args()
     u = urlparse(a.url)
     sentences = json.loads((ROOT / "server/tests/fixtures/sentences.json").read_text())
-    bodies = [json.dumps({"inputs": s}).encode() for s in sentences]
+    # Short and mid-length sentences (the fixtures' longest exceed the model's 256 tokens).
+    bodies = [json.dumps({"inputs": s}).encode() for s in sentences if 0 < len(s) <= 400]
     print("| concurrency | requests/s | p50 ms | p99 ms | non-200 |\n|---|---|---|---|---|")
     for c in (int(v) for v in a.concurrency.split(",")):
         rps, p50, p99, errors = asyncio.run(level(u.hostname, u.port or 80, bodies, c, a.seconds))

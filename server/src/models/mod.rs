@@ -14,9 +14,7 @@ use anyhow::{Context, bail, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
-use qmodel_kernels::{
-    Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_with, quantize_rows_i8,
-};
+use qmodel_kernels::{Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_with};
 
 use crate::artifact::{Pooling, Precision};
 
@@ -379,17 +377,20 @@ impl Int8Linear {
             linear_with(&exec, x, rows, &self.weight, Some(&self.bias), act, out);
             return;
         }
+        // The kernel's per-row quantization (scale max|x| / 127, round half to even), done here
+        // only to get the residual `x - scale * q` for the second pass.
+        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to even
         let k = self.weight.in_features();
-        let (q, scales) = quantize_rows_i8(x, rows, k);
         let mut rest = vec![0f32; x.len()];
-        for (((r, x), q), s) in rest
-            .chunks_exact_mut(k)
-            .zip(x.chunks_exact(k))
-            .zip(q.chunks_exact(k))
-            .zip(&scales)
-        {
-            for ((r, x), q) in r.iter_mut().zip(x).zip(q) {
-                *r = x - f32::from(*q) * s;
+        for (r, x) in rest.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax == 0.0 || !amax.is_finite() {
+                continue;
+            }
+            let (inv, scale) = (127.0 / amax, amax / 127.0);
+            for (r, &v) in r.iter_mut().zip(x) {
+                let q = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0);
+                *r = v - q * scale;
             }
         }
         let mut low = vec![0f32; out.len()];
