@@ -377,22 +377,17 @@ impl Int8Linear {
             linear_with(&exec, x, rows, &self.weight, Some(&self.bias), act, out);
             return;
         }
-        // The kernel's per-row quantization (scale max|x| / 127, round half to even), done here
-        // only to get the residual `x - scale * q` for the second pass.
-        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to even
         let k = self.weight.in_features();
         let mut rest = vec![0f32; x.len()];
-        for (r, x) in rest.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if amax == 0.0 || !amax.is_finite() {
-                continue;
-            }
-            let (inv, scale) = (127.0 / amax, amax / 127.0);
-            for (r, &v) in r.iter_mut().zip(x) {
-                let q = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0);
-                *r = v - q * scale;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { residual_avx2(x, k, &mut rest) };
+        } else {
+            residual(x, k, &mut rest);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        residual(x, k, &mut rest);
         let mut low = vec![0f32; out.len()];
         linear_with(
             &exec,
@@ -417,6 +412,32 @@ impl Int8Linear {
             gelu_inplace_with(exec.path, out);
         }
     }
+}
+
+/// `rest = x - scale * q` per row of `k`, where `q`, `scale` are the kernels' per-row
+/// quantization of `x` (scale max|x| / 127, round half to even): the second pass of a two-pass
+/// [`Int8Linear`]. Plain IEEE operations, so every instruction set gives the same bits.
+#[inline(always)]
+fn residual(x: &[f32], k: usize, rest: &mut [f32]) {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to even
+    for (r, x) in rest.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            continue;
+        }
+        let (inv, scale) = (127.0 / amax, amax / 127.0);
+        for (r, &v) in r.iter_mut().zip(x) {
+            let q = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0);
+            *r = v - q * scale;
+        }
+    }
+}
+
+/// [`residual`] compiled for AVX2 (the compiler vectorizes it 8 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn residual_avx2(x: &[f32], k: usize, rest: &mut [f32]) {
+    residual(x, k, rest)
 }
 
 /// Rows of a `[rows, dim]` table in a mapped GGUF file, stored F32, F16 or Q8_0.
