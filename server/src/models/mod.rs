@@ -313,8 +313,8 @@ impl Weights {
     }
 }
 
-/// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`. An enum so that a faster
-/// int8 kernel can take the quantized arm's place without touching the models.
+/// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`, for the candle engine: int4
+/// (Q4_0) on CPU, dense weights everywhere. Int8 on CPU uses [`Int8Linear`] instead.
 pub enum Linear {
     /// Block-quantized weight: candle quantizes each input row on the fly (per row, so
     /// results do not depend on the other rows in the batch).
