@@ -10,6 +10,14 @@
 //! `encoder.layer.N.*`, and for rerankers `pooler.dense.*` and `classifier.*`). Linear weights
 //! are stored at the artifact's precision (int8: Q8_0, int4: Q4_0, f16: F16, f32: F32), the
 //! word-embedding table as Q8_0 (int8, int4) or F16/F32, everything else as F32.
+//!
+//! Format 2 (`format` in the manifest): int8 linear weights are quantized per output channel.
+//! They are still Q8_0 blocks, so any GGUF reader decodes them, but all the blocks of a row
+//! share one f16 scale (the row's `max|w| / 127`, rounded up to an f16), which makes a row
+//! exactly `scale * q` with `q` in [-127, 127]: the CPU loader packs `q` and the row scales
+//! straight into `qmodel-kernels`' int8 GEMM layout. Format 1 (no `format` field) stored
+//! ordinary Q8_0 (a scale per 32 weights); its artifacts are refused with a message saying
+//! to re-quantize, rather than misread.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const WEIGHTS_FILE: &str = "model.gguf";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The artifact format this build writes and reads; see the module docs.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +59,9 @@ pub enum Precision {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Artifact format ([`FORMAT_VERSION`]); absent in format-1 manifests.
+    #[serde(default = "format_1")]
+    pub format: u32,
     pub model_id: String,
     pub model_version: String,
     pub task: Task,
@@ -61,6 +74,10 @@ pub struct Manifest {
     pub precision: Precision,
     /// File name (relative to the artifact directory) -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+}
+
+fn format_1() -> u32 {
+    1
 }
 
 impl Manifest {
@@ -86,6 +103,13 @@ impl Manifest {
 pub fn verify(dir: &Path) -> anyhow::Result<Manifest> {
     let manifest = Manifest::read(dir)?;
     let manifest_path = dir.join(MANIFEST_FILE);
+    ensure!(
+        manifest.format == FORMAT_VERSION,
+        "{}: artifact format {} is not supported by this server (it reads format {FORMAT_VERSION}): \
+         re-run `qmodel-server quantize` on the checkpoint",
+        manifest_path.display(),
+        manifest.format
+    );
     for required in [WEIGHTS_FILE, TOKENIZER_FILE] {
         ensure!(
             manifest.files.contains_key(required),

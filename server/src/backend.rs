@@ -56,8 +56,9 @@ pub struct LoadedModel {
 
 /// Loads an artifact directory: checks the sha256 of every file the manifest lists, maps the
 /// weights and builds the model on `device`. A missing, truncated or corrupt file is an error
-/// whose one-line message names it. On CPU, int8/int4 weights stay block-quantized and the
-/// rest runs in F32; on CUDA every weight is converted to F16 and the model runs in F16.
+/// whose one-line message names it. On CPU, int8 weights run on `qmodel-kernels`' int8 GEMM
+/// (per-channel weights, per-token activations), int4 weights stay candle Q4_0, the rest runs
+/// in F32; on CUDA every weight is converted to F16 and the model runs in F16.
 pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     let manifest = artifact::verify(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;

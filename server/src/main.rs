@@ -43,8 +43,12 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(args.json_output);
     if let Some(threads) = args.inference_threads {
         // SAFETY: no other thread exists yet (the runtime is built below), so nothing can read
-        // the environment concurrently. candle and rayon size their pools from this variable.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        // the environment concurrently. candle and rayon size their pools from
+        // RAYON_NUM_THREADS, the int8 kernels' pool from QMODEL_THREADS.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+            std::env::set_var("QMODEL_THREADS", threads.to_string());
+        }
     }
     let model = load(&args.model_dir, args.device)?;
     let app = App::new(model, args.limits.clone())?;

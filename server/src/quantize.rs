@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::artifact::{
     self, MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
 };
-use crate::models::{bert, storage_dtype};
+use crate::models::{bert, quantize_tensor, storage_dtype};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct QuantizeArgs {
@@ -104,6 +104,7 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
             .into_owned(),
     };
     let manifest = Manifest {
+        format: artifact::FORMAT_VERSION,
         model_id,
         model_version: args.model_version.clone(),
         task,
@@ -156,7 +157,7 @@ fn write_gguf(
                     source.display()
                 );
             }
-            Ok((name, QTensor::quantize(&tensor, dtype)?))
+            Ok((name, quantize_tensor(&tensor, spec.role, precision)?))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 

@@ -114,6 +114,26 @@ fn a_manifest_must_list_weights_and_tokenizer() {
     );
 }
 
+/// A format-1 artifact (plain Q8_0 weights, no `format` in the manifest) is refused with a
+/// message saying to re-quantize, not misread.
+#[test]
+fn an_old_format_artifact_is_refused() {
+    let message = load_error(
+        |dir| {
+            let path = dir.join(MANIFEST_FILE);
+            let mut json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            json.as_object_mut().unwrap().remove("format");
+            std::fs::write(&path, json.to_string()).unwrap();
+        },
+        MANIFEST_FILE,
+    );
+    assert!(
+        message.contains("format 1") && message.contains("quantize"),
+        "{message}"
+    );
+}
+
 #[test]
 fn embeds_related_sentences_closer_than_unrelated_ones() {
     let model = common::loaded(&common::minilm(), Precision::Int8);

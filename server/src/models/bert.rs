@@ -10,7 +10,9 @@ use candle_core::{D, DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
-use super::{Linear, Role, RowTable, Weights};
+use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
+
+use super::{Int8Linear, Linear, Role, RowTable, Weights};
 
 pub const ARCHITECTURE: &str = "bert";
 
@@ -230,6 +232,17 @@ struct Head {
 
 pub struct Model {
     config: Config,
+    engine: Engine,
+}
+
+/// How the encoder runs: on candle (F32/F16 weights, int4, CUDA) or, for int8 weights on the
+/// CPU, on `qmodel-kernels` over plain `f32` buffers ([`Int8Model`]).
+enum Engine {
+    Candle(CandleModel),
+    Int8(Int8Model),
+}
+
+struct CandleModel {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     head: Option<Head>,
@@ -241,6 +254,71 @@ impl Model {
     pub fn load(weights: &Weights, head: bool) -> anyhow::Result<Self> {
         let config = Config::from_gguf(weights.metadata())?;
         weights.check(&tensors(&config, head))?;
+        let engine = if weights.int8_on_cpu("encoder.layer.0.attention.self.query") {
+            Engine::Int8(Int8Model::load(weights, &config, head)?)
+        } else {
+            Engine::Candle(CandleModel::load(weights, &config, head)?)
+        };
+        Ok(Self { config, engine })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
+    pub fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
+        let tokens = batch.ids.len();
+        ensure!(
+            batch.type_ids.len() == tokens && batch.lens.iter().sum::<usize>() == tokens,
+            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
+            batch.type_ids.len(),
+            batch.lens.iter().sum::<usize>()
+        );
+        let max_len = batch.lens.iter().copied().max().unwrap_or(0);
+        ensure!(
+            max_len <= self.config.max_position_embeddings,
+            "{max_len} tokens exceed the model's {} positions",
+            self.config.max_position_embeddings
+        );
+        if let Some(&t) = batch
+            .type_ids
+            .iter()
+            .find(|&&t| t as usize >= self.config.type_vocab_size)
+        {
+            bail!(
+                "token type {t} is outside the model's {} types",
+                self.config.type_vocab_size
+            );
+        }
+        match &self.engine {
+            Engine::Candle(m) => m.forward(&self.config, batch),
+            Engine::Int8(m) => {
+                let hidden = m.forward(&self.config, batch)?;
+                Ok(Tensor::from_vec(
+                    hidden,
+                    (tokens, self.config.hidden_size),
+                    &candle_core::Device::Cpu,
+                )?)
+            }
+        }
+    }
+
+    /// Relevance logits from the last hidden state of a batch with these input lengths:
+    /// classifier(tanh(pooler([CLS]))).
+    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+        match &self.engine {
+            Engine::Candle(m) => m.score(hidden, lens),
+            Engine::Int8(m) => {
+                let hidden: Vec<f32> = hidden.flatten_all()?.to_vec1()?;
+                m.score(&hidden, self.config.hidden_size, lens)
+            }
+        }
+    }
+}
+
+impl CandleModel {
+    fn load(weights: &Weights, config: &Config, head: bool) -> anyhow::Result<Self> {
         let eps = config.layer_norm_eps;
         let embeddings = Embeddings {
             words: weights.rows("embeddings.word_embeddings.weight")?,
@@ -279,7 +357,6 @@ impl Model {
             None
         };
         Ok(Self {
-            config,
             embeddings,
             layers,
             head,
@@ -288,41 +365,14 @@ impl Model {
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
-    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
-    pub fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
+    fn forward(&self, config: &Config, batch: &Batch) -> anyhow::Result<Tensor> {
         let tokens = batch.ids.len();
-        ensure!(
-            batch.type_ids.len() == tokens && batch.lens.iter().sum::<usize>() == tokens,
-            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
-            batch.type_ids.len(),
-            batch.lens.iter().sum::<usize>()
-        );
-        let max_len = batch.lens.iter().copied().max().unwrap_or(0);
-        ensure!(
-            max_len <= self.config.max_position_embeddings,
-            "{max_len} tokens exceed the model's {} positions",
-            self.config.max_position_embeddings
-        );
-        if let Some(&t) = batch
-            .type_ids
-            .iter()
-            .find(|&&t| t as usize >= self.config.type_vocab_size)
-        {
-            bail!(
-                "token type {t} is outside the model's {} types",
-                self.config.type_vocab_size
-            );
-        }
         let dev = &self.device;
 
         let mut words = Vec::new();
         self.embeddings.words.gather(batch.ids, &mut words)?;
-        let words = Tensor::from_vec(words, (tokens, self.config.hidden_size), dev)?
-            .to_dtype(self.dtype)?;
+        let words =
+            Tensor::from_vec(words, (tokens, config.hidden_size), dev)?.to_dtype(self.dtype)?;
         let positions: Vec<u32> = batch.lens.iter().flat_map(|&len| 0..len as u32).collect();
         let positions = Tensor::from_vec(positions, tokens, dev)?;
         let types = Tensor::from_slice(batch.type_ids, tokens, dev)?;
@@ -331,14 +381,12 @@ impl Model {
             + self.embeddings.token_types.index_select(&types, 0)?)?;
         let mut xs = self.embeddings.norm.forward(&xs)?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, batch.lens, self.config.num_attention_heads)?;
+            xs = layer.forward(&xs, batch.lens, config.num_attention_heads)?;
         }
         Ok(xs)
     }
 
-    /// Relevance logits from the last hidden state of a batch with these input lengths:
-    /// classifier(tanh(pooler([CLS]))).
-    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+    fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
         let head = self
             .head
             .as_ref()
@@ -407,4 +455,296 @@ impl Layer {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(self.output_norm.forward(&(Tensor::cat(&ff, 0)? + xs)?)?)
     }
+}
+
+/// LayerNorm over rows of `f32`, for [`Int8Model`].
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(weights: &Weights, prefix: &str, eps: f64) -> anyhow::Result<Self> {
+        Ok(Self {
+            gamma: weights.values(&format!("{prefix}.weight"))?,
+            beta: weights.values(&format!("{prefix}.bias"))?,
+            eps: eps as f32,
+        })
+    }
+
+    fn apply(&self, rows: &mut [f32]) {
+        qmodel_kernels::layer_norm_rows(rows, &self.gamma, &self.beta, self.eps);
+    }
+}
+
+/// The encoder for int8 weights on the CPU, on `qmodel-kernels` over plain `f32` buffers: int8
+/// GEMMs (per-output-channel weights, per-token activations) for every linear layer, with Q,
+/// K and V fused into one `[3 * hidden, hidden]` weight (the `1/sqrt(head_dim)` score scale
+/// folded into Q's row scales and bias) and the feed-forward GELU fused into its first GEMM;
+/// attention, softmax and LayerNorm in F32. Everything runs on the kernels' one thread pool.
+struct Int8Model {
+    words: RowTable,
+    positions: Vec<f32>,
+    token_types: Vec<f32>,
+    norm: Norm,
+    layers: Vec<Int8Layer>,
+    head: Option<Int8Head>,
+}
+
+struct Int8Layer {
+    qkv: Int8Linear,
+    attention_out: Int8Linear,
+    attention_norm: Norm,
+    intermediate: Int8Linear,
+    output: Int8Linear,
+    output_norm: Norm,
+}
+
+struct Int8Head {
+    pooler: Int8Linear,
+    /// `[hidden]`: the single-label classifier row, and its bias.
+    classifier: Vec<f32>,
+    classifier_bias: f32,
+}
+
+/// A pointer the attention tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: every task writes only its own (input, head) block.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Through a method, so closures capture the whole (`Sync`) wrapper, not the raw field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Int8Model {
+    fn load(weights: &Weights, config: &Config, head: bool) -> anyhow::Result<Self> {
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let words = weights.rows("embeddings.word_embeddings.weight")?;
+        ensure!(
+            words.dim() == h,
+            "word embeddings are {} wide, the model {h}",
+            words.dim()
+        );
+        let score_scale = 1.0 / ((h / config.num_attention_heads) as f32).sqrt();
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("encoder.layer.{i}");
+                let (mut q, mut scales, mut bias) = (Vec::new(), Vec::new(), Vec::new());
+                for (proj, s) in [("query", score_scale), ("key", 1.0), ("value", 1.0)] {
+                    let prefix = format!("{p}.attention.self.{proj}");
+                    let (wq, ws, _, _) = weights.int8_rows(&prefix)?;
+                    q.extend(wq);
+                    scales.extend(ws.iter().map(|w| w * s));
+                    let b = weights.values(&format!("{prefix}.bias"))?;
+                    bias.extend(b.iter().map(|b| b * s));
+                }
+                let mut qkv = Int8Linear::new(&q, &scales, 3 * h, h, bias)
+                    .with_context(|| format!("{p}: fused QKV"))?;
+                let mut output = weights.int8_linear(&format!("{p}.output.dense"))?;
+                // Per-token int8 activations cost too much accuracy on the inputs of these
+                // three (all-MiniLM-L6-v2 vs F32, mean/min cosine over the test sentences: all
+                // one-pass 0.9965 / 0.973; two-pass Q/K/V 0.9982 / 0.985; Q/K/V + FFN-down
+                // 0.9987 / 0.988; Q/K/V + both FFN 0.9993 / 0.994, the same as all four), so
+                // they run two-pass (~15-bit activations): 1.9x the int8 work of one pass.
+                let mut intermediate = weights.int8_linear(&format!("{p}.intermediate.dense"))?;
+                qkv.split = true;
+                intermediate.split = true;
+                output.split = true;
+                Ok(Int8Layer {
+                    qkv,
+                    attention_out: weights.int8_linear(&format!("{p}.attention.output.dense"))?,
+                    attention_norm: Norm::load(
+                        weights,
+                        &format!("{p}.attention.output.LayerNorm"),
+                        eps,
+                    )?,
+                    intermediate,
+                    output,
+                    output_norm: Norm::load(weights, &format!("{p}.output.LayerNorm"), eps)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let head = if head {
+            let classifier = weights.values("classifier.weight")?;
+            let bias = weights.values("classifier.bias")?;
+            Some(Int8Head {
+                pooler: weights.int8_linear("pooler.dense")?,
+                classifier,
+                classifier_bias: bias[0],
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            words,
+            positions: weights.values("embeddings.position_embeddings.weight")?,
+            token_types: weights.values("embeddings.token_type_embeddings.weight")?,
+            norm: Norm::load(weights, "embeddings.LayerNorm", eps)?,
+            layers,
+            head,
+        })
+    }
+
+    /// The last hidden state, `[tokens, hidden]` row-major.
+    fn forward(&self, config: &Config, batch: &Batch) -> anyhow::Result<Vec<f32>> {
+        let (h, ff) = (config.hidden_size, config.intermediate_size);
+        let tokens = batch.ids.len();
+        let mut x = Vec::with_capacity(tokens * h);
+        self.words.gather(batch.ids, &mut x)?;
+        let positions = batch.lens.iter().flat_map(|&len| 0..len);
+        for ((row, pos), &ty) in x.chunks_exact_mut(h).zip(positions).zip(batch.type_ids) {
+            let p = &self.positions[pos * h..(pos + 1) * h];
+            let t = &self.token_types[ty as usize * h..(ty as usize + 1) * h];
+            for ((v, p), t) in row.iter_mut().zip(p).zip(t) {
+                *v = (*v + p) + t;
+            }
+        }
+        self.norm.apply(&mut x);
+        let mut qkv = vec![0f32; tokens * 3 * h];
+        let mut context = vec![0f32; tokens * h];
+        let mut y = vec![0f32; tokens * h];
+        let mut inter = vec![0f32; FEED_FORWARD_CHUNK.min(tokens) * ff];
+        for layer in &self.layers {
+            layer.qkv.forward(&x, tokens, Activation::None, &mut qkv);
+            attention(
+                &qkv,
+                batch.lens,
+                config.num_attention_heads,
+                h,
+                &mut context,
+            );
+            layer
+                .attention_out
+                .forward(&context, tokens, Activation::None, &mut y);
+            y.iter_mut().zip(&x).for_each(|(y, x)| *y += x);
+            layer.attention_norm.apply(&mut y);
+            // Feed-forward in chunks of tokens, bounding the 4x-wide intermediate buffer.
+            for start in (0..tokens).step_by(FEED_FORWARD_CHUNK) {
+                let n = FEED_FORWARD_CHUNK.min(tokens - start);
+                let rows = &y[start * h..(start + n) * h];
+                let inter = &mut inter[..n * ff];
+                layer.intermediate.forward(rows, n, Activation::Gelu, inter);
+                let out = &mut x[start * h..(start + n) * h];
+                layer.output.forward(inter, n, Activation::None, out);
+                out.iter_mut().zip(rows).for_each(|(o, r)| *o += r);
+                layer.output_norm.apply(out);
+            }
+        }
+        Ok(x)
+    }
+
+    fn score(&self, hidden: &[f32], h: usize, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+        let head = self
+            .head
+            .as_ref()
+            .context("this model has no classification head")?;
+        let mut cls = Vec::with_capacity(lens.len() * h);
+        let mut start = 0;
+        for &len in lens {
+            cls.extend_from_slice(&hidden[start * h..(start + 1) * h]);
+            start += len;
+        }
+        let mut pooled = vec![0f32; lens.len() * h];
+        head.pooler
+            .forward(&cls, lens.len(), Activation::None, &mut pooled);
+        Ok(pooled
+            .chunks_exact(h)
+            .map(|row| {
+                row.iter()
+                    .zip(&head.classifier)
+                    .map(|(x, w)| x.tanh() * w)
+                    .sum::<f32>()
+                    + head.classifier_bias
+            })
+            .collect())
+    }
+}
+
+/// Self-attention of a packed batch: `qkv` is `[tokens, 3 * h]` (Q already scaled), `context`
+/// gets `[tokens, h]`. One task per (input, head) on the kernels' pool, each attending over its
+/// own input's tokens only, in F32, single-threaded `gemm`: an input's result is computed the
+/// same way whatever else is in the batch.
+fn attention(qkv: &[f32], lens: &[usize], heads: usize, h: usize, context: &mut [f32]) {
+    let hd = h / heads;
+    let stride = 3 * h;
+    let starts: Vec<usize> = lens
+        .iter()
+        .scan(0, |s, &len| {
+            let first = *s;
+            *s += len;
+            Some(first)
+        })
+        .collect();
+    assert_eq!(
+        qkv.len(),
+        starts.last().map_or(0, |s| s + lens[lens.len() - 1]) * stride
+    );
+    assert_eq!(context.len() * 3, qkv.len());
+    let out = SharedOut(context.as_mut_ptr());
+    let path = KernelPath::active();
+    ThreadPool::global().run(lens.len() * heads, &|task| {
+        let (input, head) = (task / heads, task % heads);
+        let (start, len) = (starts[input], lens[input]);
+        let mut scores = vec![0f32; len * len];
+        // SAFETY: Q, K and V of this input and head lie inside `qkv` (checked above: `len`
+        // rows of `stride` from `start`, columns `head * hd..+hd` of each third); the output
+        // block (rows `start..start + len`, columns `head * hd..+hd` of `context`) is this
+        // task's alone.
+        unsafe {
+            let q = qkv.as_ptr().add(start * stride + head * hd);
+            let (k, v) = (q.add(h), q.add(2 * h));
+            let s = stride as isize;
+            // scores[i][j] = sum_d q[i][d] k[j][d]
+            gemm::gemm(
+                len,
+                len,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                len as isize,
+                false,
+                q,
+                1,
+                s,
+                k,
+                s,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            qmodel_kernels::softmax_rows_inplace_with(path, &mut scores, len);
+            // context[i][d] = sum_j p[i][j] v[j][d]
+            gemm::gemm(
+                len,
+                hd,
+                len,
+                out.ptr().add(start * h + head * hd),
+                1,
+                h as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                len as isize,
+                v,
+                1,
+                s,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
 }

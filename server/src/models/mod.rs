@@ -14,6 +14,7 @@ use anyhow::{Context, bail, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
+use qmodel_kernels::{Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_with};
 
 use crate::artifact::{Pooling, Precision};
 
@@ -38,6 +39,80 @@ pub fn storage_dtype(role: Role, precision: Precision) -> GgmlDType {
         (Role::Linear, Precision::Int8) => GgmlDType::Q8_0,
         (Role::Linear, Precision::Int4) => GgmlDType::Q4_0,
     }
+}
+
+/// `tensor` in the storage of a `role` tensor at `precision` ([`storage_dtype`]). Int8 linear
+/// weights are per-row Q8_0 ([`per_row_q8_0`]); everything else is candle's quantization.
+pub fn quantize_tensor(
+    tensor: &Tensor,
+    role: Role,
+    precision: Precision,
+) -> candle_core::Result<QTensor> {
+    let dtype = storage_dtype(role, precision);
+    if role == Role::Linear && precision == Precision::Int8 {
+        let (rows, cols) = tensor.dims2()?;
+        let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
+        let bytes = per_row_q8_0(&values, rows, cols);
+        return candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![rows, cols],
+            &Device::Cpu,
+        );
+    }
+    QTensor::quantize(tensor, dtype)
+}
+
+const Q8_0_BLOCK: usize = 32;
+const Q8_0_BYTES: usize = 34;
+
+/// Q8_0 blocks of a `[rows, cols]` matrix (`cols` a multiple of 32) in which every block of a
+/// row carries the row's scale `d` = `max|w| / 127` rounded up to an f16, and `q = round(w /
+/// d)` (ties to even) in [-127, 127]: per-output-channel int8 that any GGUF reader decodes.
+pub fn per_row_q8_0(w: &[f32], rows: usize, cols: usize) -> Vec<u8> {
+    assert_eq!(w.len(), rows * cols);
+    assert!(cols.is_multiple_of(Q8_0_BLOCK));
+    let mut out = Vec::with_capacity(rows * cols / Q8_0_BLOCK * Q8_0_BYTES);
+    for row in w.chunks_exact(cols.max(1)) {
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut d = half::f16::from_f32(max / 127.0);
+        if d.to_f32() < max / 127.0 {
+            d = half::f16::from_bits(d.to_bits() + 1);
+        }
+        let df = d.to_f32();
+        let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
+        for block in row.chunks_exact(Q8_0_BLOCK) {
+            out.extend_from_slice(&d.to_le_bytes());
+            out.extend(
+                block
+                    .iter()
+                    .map(|&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+    }
+    out
+}
+
+/// The inverse of [`per_row_q8_0`]: `(q [rows, cols], scales [rows])`, or `None` when a row's
+/// blocks do not share one scale or a value is -128 (plain Q8_0, not written by this format).
+pub fn decode_per_row_q8_0(bytes: &[u8], rows: usize, cols: usize) -> Option<(Vec<i8>, Vec<f32>)> {
+    let blocks = cols / Q8_0_BLOCK;
+    if !cols.is_multiple_of(Q8_0_BLOCK) || bytes.len() != rows * blocks * Q8_0_BYTES {
+        return None;
+    }
+    let mut q = Vec::with_capacity(rows * cols);
+    let mut scales = Vec::with_capacity(rows);
+    for row in bytes.chunks_exact((blocks * Q8_0_BYTES).max(1)) {
+        let d = &row[..2];
+        for block in row.chunks_exact(Q8_0_BYTES) {
+            if &block[..2] != d {
+                return None;
+            }
+            q.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        scales.push(half::f16::from_le_bytes([d[0], d[1]]).to_f32());
+    }
+    (!q.contains(&i8::MIN)).then_some((q, scales))
 }
 
 /// A GGUF file and the device its tensors are loaded onto. Dense and linear tensors are read
@@ -141,6 +216,53 @@ impl Weights {
         }
     }
 
+    /// Whether linear layer `prefix` is stored as Q8_0 and runs on the CPU: the case served by
+    /// `qmodel-kernels`' int8 GEMM ([`Int8Linear`]).
+    pub fn int8_on_cpu(&self, prefix: &str) -> bool {
+        self.device.is_cpu()
+            && self
+                .content
+                .tensor_infos
+                .get(&format!("{prefix}.weight"))
+                .is_some_and(|info| info.ggml_dtype == GgmlDType::Q8_0)
+    }
+
+    /// A tensor as F32 values, flattened.
+    pub fn values(&self, name: &str) -> anyhow::Result<Vec<f32>> {
+        let t = self.qtensor(name)?.dequantize(&Device::Cpu)?;
+        Ok(t.flatten_all()?.to_vec1()?)
+    }
+
+    /// The per-row int8 weight `prefix.weight` (format-2 per-row Q8_0) as `(q [out, in],
+    /// scales [out], out, in)`.
+    pub fn int8_rows(&self, prefix: &str) -> anyhow::Result<(Vec<i8>, Vec<f32>, usize, usize)> {
+        let name = format!("{prefix}.weight");
+        let t = self.qtensor(&name)?;
+        let (rows, cols) = t.shape().dims2()?;
+        let data = t.data()?;
+        let (q, scales) = decode_per_row_q8_0(&data, rows, cols).with_context(|| {
+            format!(
+                "{}: tensor {name} is not per-row int8 (Q8_0 blocks of a row must share one \
+                 scale): re-run `qmodel-server quantize`",
+                self.path.display()
+            )
+        })?;
+        Ok((q, scales, rows, cols))
+    }
+
+    /// Linear layer `prefix` for `qmodel-kernels`.
+    pub fn int8_linear(&self, prefix: &str) -> anyhow::Result<Int8Linear> {
+        let (q, scales, rows, cols) = self.int8_rows(prefix)?;
+        Int8Linear::new(
+            &q,
+            &scales,
+            rows,
+            cols,
+            self.values(&format!("{prefix}.bias"))?,
+        )
+        .with_context(|| format!("{}: {prefix}", self.path.display()))
+    }
+
     pub fn layer_norm(&self, prefix: &str, eps: f64) -> anyhow::Result<candle_nn::LayerNorm> {
         Ok(candle_nn::LayerNorm::new(
             self.tensor(&format!("{prefix}.weight"))?,
@@ -191,8 +313,8 @@ impl Weights {
     }
 }
 
-/// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`. An enum so that a faster
-/// int8 kernel can take the quantized arm's place without touching the models.
+/// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`, for the candle engine: int4
+/// (Q4_0) on CPU, dense weights everywhere. Int8 on CPU uses [`Int8Linear`] instead.
 pub enum Linear {
     /// Block-quantized weight: candle quantizes each input row on the fly (per row, so
     /// results do not depend on the other rows in the batch).
@@ -209,6 +331,113 @@ impl Module for Linear {
         };
         ys.broadcast_add(bias)
     }
+}
+
+/// A linear layer on `qmodel-kernels`: per-output-channel int8 weight, F32 bias, activations
+/// quantized per token at run time (so a token's result never depends on the other tokens).
+pub struct Int8Linear {
+    pub weight: QuantizedWeight,
+    pub bias: Vec<f32>,
+    /// Two-pass activations: `x = a + r` with `a` on the per-token int8 grid, both halves
+    /// through the int8 GEMM, so activations carry ~15 bits (for outlier-heavy inputs).
+    pub split: bool,
+}
+
+impl Int8Linear {
+    pub fn new(
+        q: &[i8],
+        scales: &[f32],
+        out: usize,
+        inp: usize,
+        bias: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        ensure!(
+            bias.len() == out,
+            "bias has {} values, not {out}",
+            bias.len()
+        );
+        let weight = QuantizedWeight::from_int8(q, scales, out, inp)
+            .map_err(|e| anyhow::anyhow!("cannot pack the int8 weight: {e}"))?;
+        Ok(Self {
+            weight,
+            bias,
+            split: false,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.out_features()
+    }
+
+    /// `out[rows, out] = act(x[rows, in] W^T + b)` on the process-wide pool
+    /// (`QMODEL_THREADS`), kernel path `QMODEL_KERNEL` or the best the CPU has.
+    pub fn forward(&self, x: &[f32], rows: usize, act: Activation, out: &mut [f32]) {
+        let exec = Exec::global();
+        if !self.split {
+            linear_with(&exec, x, rows, &self.weight, Some(&self.bias), act, out);
+            return;
+        }
+        let k = self.weight.in_features();
+        let mut rest = vec![0f32; x.len()];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { residual_avx2(x, k, &mut rest) };
+        } else {
+            residual(x, k, &mut rest);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        residual(x, k, &mut rest);
+        let mut low = vec![0f32; out.len()];
+        linear_with(
+            &exec,
+            &rest,
+            rows,
+            &self.weight,
+            None,
+            Activation::None,
+            &mut low,
+        );
+        linear_with(
+            &exec,
+            x,
+            rows,
+            &self.weight,
+            Some(&self.bias),
+            Activation::None,
+            out,
+        );
+        out.iter_mut().zip(&low).for_each(|(o, l)| *o += l);
+        if act == Activation::Gelu {
+            gelu_inplace_with(exec.path, out);
+        }
+    }
+}
+
+/// `rest = x - scale * q` per row of `k`, where `q`, `scale` are the kernels' per-row
+/// quantization of `x` (scale max|x| / 127, round half to even): the second pass of a two-pass
+/// [`Int8Linear`]. Plain IEEE operations, so every instruction set gives the same bits.
+#[inline(always)]
+fn residual(x: &[f32], k: usize, rest: &mut [f32]) {
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to even
+    for (r, x) in rest.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            continue;
+        }
+        let (inv, scale) = (127.0 / amax, amax / 127.0);
+        for (r, &v) in r.iter_mut().zip(x) {
+            let q = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0);
+            *r = v - q * scale;
+        }
+    }
+}
+
+/// [`residual`] compiled for AVX2 (the compiler vectorizes it 8 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn residual_avx2(x: &[f32], k: usize, rest: &mut [f32]) {
+    residual(x, k, rest)
 }
 
 /// Rows of a `[rows, dim]` table in a mapped GGUF file, stored F32, F16 or Q8_0.
@@ -318,6 +547,49 @@ mod tests {
             assert_eq!(got, want, "{dtype:?}");
             assert!(rows.gather(&[6], &mut got).is_err(), "{dtype:?}");
         }
+    }
+
+    /// Per-row Q8_0 decodes back to its int8 values and row scales, candle dequantizes it to
+    /// `scale * q`, and plain Q8_0 (a scale per block) is not taken for it.
+    #[test]
+    fn per_row_q8_0_round_trips() {
+        let (rows, cols) = (3, 64);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let bytes = per_row_q8_0(&w, rows, cols);
+        let (q, scales) = decode_per_row_q8_0(&bytes, rows, cols).unwrap();
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &bytes,
+            vec![rows, cols],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let deq: Vec<f32> = t
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for r in 0..rows {
+            let max = w[r * cols..(r + 1) * cols]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scales[r] >= max / 127.0 && scales[r] < max / 127.0 * 1.001);
+            for c in 0..cols {
+                let i = r * cols + c;
+                assert_eq!(deq[i], f32::from(q[i]) * scales[r]);
+                assert!((deq[i] - w[i]).abs() <= scales[r] / 2.0 * 1.0001);
+            }
+        }
+        let plain = QTensor::quantize(
+            &Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        assert!(decode_per_row_q8_0(&plain.data().unwrap(), rows, cols).is_none());
     }
 
     #[test]
