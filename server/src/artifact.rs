@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const WEIGHTS_FILE: &str = "model.gguf";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The manifest's `format_version` this server reads and writes; a manifest without the field
+/// is version 1 (written before it existed). Any other version is refused, not guessed at.
+pub const MANIFEST_FORMAT_VERSION: u64 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,13 +72,26 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        serde_json::from_str(&text)
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid manifest", path.display()))?;
+        if let Some(version) = value.get("format_version") {
+            ensure!(
+                version.as_u64() == Some(MANIFEST_FORMAT_VERSION),
+                "{}: format_version {version} is not supported (this server reads {MANIFEST_FORMAT_VERSION})",
+                path.display()
+            );
+        }
+        serde_json::from_value(value)
             .with_context(|| format!("{}: not a valid manifest", path.display()))
     }
 
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let path = dir.join(MANIFEST_FILE);
-        let text = serde_json::to_string_pretty(self)? + "\n";
+        let mut value = serde_json::to_value(self)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("format_version".into(), MANIFEST_FORMAT_VERSION.into());
+        }
+        let text = serde_json::to_string_pretty(&value)? + "\n";
         std::fs::write(&path, text).with_context(|| format!("{}: cannot write", path.display()))
     }
 }
