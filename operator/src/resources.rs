@@ -835,10 +835,10 @@ mod tests {
     fn autoscaling_leaves_the_replica_count_out_of_the_apply() {
         let config = OperatorConfig::default();
         let fixed = desired_state(&model(json!({"replicas": 3})), &config).unwrap();
-        assert_eq!(fixed.deployment.spec.unwrap().replicas, Some(3));
+        assert_eq!(fixed.deployment.spec.as_ref().unwrap().replicas, Some(3));
         let off = json!({"replicas": 3, "autoscaling": {"enabled": false}});
         let off = desired_state(&model(off), &config).unwrap();
-        assert_eq!(off.deployment.spec.unwrap().replicas, Some(3));
+        assert_eq!(off.deployment.spec.as_ref().unwrap().replicas, Some(3));
 
         let on = json!({"replicas": 3, "autoscaling": {"enabled": true}});
         let on = desired_state(&model(on), &config).unwrap();

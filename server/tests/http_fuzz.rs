@@ -101,8 +101,9 @@ fn check(method: Method, path: &str, body: Vec<u8>) -> Result<(), TestCaseError>
         };
         prop_assert!(!status.is_server_error(), "5xx: {}", shown());
         if status.is_client_error() {
-            let json: Value = serde_json::from_slice(&reply)
-                .map_err(|e| TestCaseError::fail(format!("error body not JSON ({e}): {}", shown())))?;
+            let json: Value = serde_json::from_slice(&reply).map_err(|e| {
+                TestCaseError::fail(format!("error body not JSON ({e}): {}", shown()))
+            })?;
             prop_assert!(
                 json["error_type"].is_string() && json["error"].is_string(),
                 "error body without error/error_type: {}",
@@ -138,7 +139,8 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         any::<u64>().prop_map(Value::from),
         text().prop_map(Value::String),
     ];
@@ -158,14 +160,13 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// Requests of the right shape for some route, with arbitrary texts and flags.
 fn well_formed() -> impl Strategy<Value = Value> {
     let flag = prop::option::of(any::<bool>());
-    let one_or_many = prop_oneof![
-        text().prop_map(Value::from),
-        texts().prop_map(Value::from)
-    ];
+    let one_or_many = prop_oneof![text().prop_map(Value::from), texts().prop_map(Value::from)];
     prop_oneof![
-        (one_or_many.clone(), flag.clone(), flag.clone()).prop_map(|(inputs, normalize, truncate)| {
-            json!({"inputs": inputs, "normalize": normalize, "truncate": truncate})
-        }),
+        (one_or_many.clone(), flag.clone(), flag.clone()).prop_map(
+            |(inputs, normalize, truncate)| {
+                json!({"inputs": inputs, "normalize": normalize, "truncate": truncate})
+            }
+        ),
         (text(), texts(), any::<bool>(), any::<bool>(), flag.clone()).prop_map(
             |(query, texts, raw_scores, return_text, truncate)| {
                 json!({"query": query, "texts": texts, "raw_scores": raw_scores,

@@ -4,12 +4,14 @@
 mod http_support;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use http_support::{Server, common, minilm_int8, request, sentences};
-use qmodel_server::artifact::{MANIFEST_FILE, Precision, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file};
+use qmodel_server::artifact::{
+    MANIFEST_FILE, Precision, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file,
+};
 use serde_json::{Value, json};
 
 /// Rewrites the manifest with `edit` applied to its JSON.
@@ -51,7 +53,11 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
     type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
     // (what, damage, a piece of the expected one-line reason)
     let cases: Vec<(&str, Damage, &str)> = vec![
-        ("no such directory", Box::new(|d| std::fs::remove_dir_all(d).unwrap()), "manifest.json"),
+        (
+            "no such directory",
+            Box::new(|d| std::fs::remove_dir_all(d).unwrap()),
+            "manifest.json",
+        ),
         (
             "manifest is not JSON",
             Box::new(|d| std::fs::write(d.join(MANIFEST_FILE), "not json").unwrap()),
@@ -112,12 +118,23 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
     for (what, damage, reason) in &cases {
         let dir = minilm_int8();
         damage(dir.path());
-        let output = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .arg("--model")
             .arg(dir.path())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        // A damaged artifact that loads would serve forever: stop it and report the row.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         eprintln!("{what}: {} {}", output.status, stderr.trim());
@@ -127,7 +144,10 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
             && stderr.contains(reason)
             && !stdout.contains("listening");
         if !ok {
-            failures.push(format!("{what}: {} stderr {stderr:?} stdout {stdout:?}", output.status));
+            failures.push(format!(
+                "{what}: {} stderr {stderr:?} stdout {stdout:?}",
+                output.status
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
@@ -150,12 +170,16 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
         ],
     );
     server.wait_ready().await;
-    // ~250 tokens each (the model's limit is 256; the few over it are truncated).
-    let long = "a longer input about queues and batches ".repeat(35);
+    // ~250 tokens each, just under the model's limit of 256.
+    let long = "a longer input about queues and batches ".repeat(27);
     let inputs: Vec<String> = (0..8).map(|i| format!("{i} {long}")).collect();
     let body = json!({"inputs": inputs}).to_string();
     let tokens = server
-        .request("POST", "/tokenize", &json!({"inputs": inputs[0]}).to_string())
+        .request(
+            "POST",
+            "/tokenize",
+            &json!({"inputs": inputs[0]}).to_string(),
+        )
         .await
         .json()[0]
         .as_array()
@@ -199,7 +223,8 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
             }
         }
         refusals.sort();
-        let quantile = |q: f64| refusals[((refusals.len() as f64 * q) as usize).min(refusals.len() - 1)];
+        let quantile =
+            |q: f64| refusals[((refusals.len() as f64 * q) as usize).min(refusals.len() - 1)];
         let (p50, p99) = (quantile(0.5), quantile(0.99));
         let peak = server.memory("VmHWM");
         eprintln!(
@@ -212,7 +237,11 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
             peak >> 20
         );
         assert_eq!(ok + refusals.len(), CLIENTS);
-        assert!(ok >= 4 && !refusals.is_empty(), "{ok} ok, {} refused", refusals.len());
+        assert!(
+            ok >= 4 && !refusals.is_empty(),
+            "{ok} ok, {} refused",
+            refusals.len()
+        );
         // Refusing is cheap: a 429 never waits for the model (generous for a shared CI box).
         assert!(p99 < Duration::from_secs(3), "p99 of 429s {p99:?}");
         peaks.push(peak);

@@ -55,7 +55,11 @@ async fn operator_rides_out_an_apiserver_restart_and_converges() {
     let converged = loop {
         if let Some(status) = operator.exited() {
             eprintln!("operator exited with {status} after the outage; restarting it");
-            assert!(restarts < 3, "the operator keeps exiting; see {:?}", operator.log);
+            assert!(
+                restarts < 3,
+                "the operator keeps exiting; see {:?}",
+                operator.log
+            );
             restarts += 1;
             operator = env.operator("op-0");
             operator.wait_ready().await;

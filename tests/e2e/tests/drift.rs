@@ -54,7 +54,11 @@ fn fields(deployment: &Deployment) -> (String, Option<i32>, Option<String>) {
     )
 }
 
-async fn settled(env: &TestEnv, name: &str, want: impl Fn(&(String, Option<i32>, Option<String>)) -> bool) -> Duration {
+async fn settled(
+    env: &TestEnv,
+    name: &str,
+    want: impl Fn(&(String, Option<i32>, Option<String>)) -> bool,
+) -> Duration {
     let started = Instant::now();
     let deployments = env.api::<Deployment>();
     wait_for("the Deployment's fields", PROMPTLY, || async {
@@ -120,7 +124,11 @@ async fn with_autoscaling_the_replica_count_is_left_to_the_autoscaler() {
     // Image and env come back; give the operator time to (wrongly) touch replicas too.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = fields(&deployments.get("embed").await.expect("Deployment"));
-    assert_eq!(after.1, Some(5), "the operator fought the autoscaler over replicas");
+    assert_eq!(
+        after.1,
+        Some(5),
+        "the operator fought the autoscaler over replicas"
+    );
     let owners: Vec<_> = deployments
         .get("embed")
         .await
