@@ -61,6 +61,13 @@ pub struct QuantizedModelSpec {
     #[serde(default = "default_replicas")]
     #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
     pub replicas: i32,
+    /// With `enabled: true` something else (a HorizontalPodAutoscaler targeting the Deployment)
+    /// owns the Deployment's replica count: the operator stops setting `replicas` in its apply,
+    /// so it never fights the autoscaler, and `spec.replicas` only decides the
+    /// PodDisruptionBudget. Enabling it on a running model hands the field over: the
+    /// Deployment keeps its current count until the autoscaler changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// Container resources; a default applies on CPU, and the GPU limit is always set from `gpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -92,6 +99,11 @@ pub struct QuantizedModelSpec {
 }
 
 impl QuantizedModelSpec {
+    /// Whether an autoscaler, not the operator, owns the Deployment's replica count.
+    pub fn autoscaled(&self) -> bool {
+        self.autoscaling.as_ref().is_some_and(|a| a.enabled)
+    }
+
     /// The device the model runs on: the explicit one, else the precision's natural device.
     pub fn effective_device(&self) -> Device {
         self.device.unwrap_or(match self.precision {
@@ -110,6 +122,15 @@ fn drop_null_enum_value(schema: &mut schemars::Schema) {
     {
         values.retain(|value| !value.is_null());
     }
+}
+
+/// Who owns the Deployment's replica count.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// The Deployment's replicas are left to an autoscaler, not set by the operator.
+    #[serde(default)]
+    pub enabled: bool,
 }
 
 fn default_replicas() -> i32 {

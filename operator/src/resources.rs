@@ -390,7 +390,9 @@ fn deployment(
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            // Left out under autoscaling: omitted from the server-side apply, the field stays
+            // with whoever last set it (the HPA) instead of being reset on every reconcile.
+            replicas: (!spec.autoscaled()).then_some(spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(name)),
                 ..LabelSelector::default()
@@ -827,6 +829,31 @@ mod tests {
             pdb_spec.selector.unwrap().match_labels,
             Some(selector_labels("bge"))
         );
+    }
+
+    #[test]
+    fn autoscaling_leaves_the_replica_count_out_of_the_apply() {
+        let config = OperatorConfig::default();
+        let fixed = desired_state(&model(json!({"replicas": 3})), &config).unwrap();
+        assert_eq!(fixed.deployment.spec.as_ref().unwrap().replicas, Some(3));
+        let off = json!({"replicas": 3, "autoscaling": {"enabled": false}});
+        let off = desired_state(&model(off), &config).unwrap();
+        assert_eq!(off.deployment.spec.as_ref().unwrap().replicas, Some(3));
+
+        let on = json!({"replicas": 3, "autoscaling": {"enabled": true}});
+        let on = desired_state(&model(on), &config).unwrap();
+        // Absent from the applied object, not `replicas: null`: the HPA's value stands.
+        let applied = serde_json::to_value(&on.deployment).unwrap();
+        assert!(
+            applied["spec"].get("replicas").is_none(),
+            "{}",
+            applied["spec"]
+        );
+        // Everything else is as without autoscaling; the PDB still follows spec.replicas.
+        let mut rest = on.deployment.clone();
+        rest.spec.as_mut().unwrap().replicas = Some(3);
+        assert_eq!(rest, off.deployment);
+        assert_eq!(on.pod_disruption_budget, off.pod_disruption_budget);
     }
 
     #[test]

@@ -11,11 +11,11 @@
 //! are stored at the artifact's precision (int8: Q8_0, int4: Q4_0, f16: F16, f32: F32), the
 //! word-embedding table as Q8_0 (int8, int4) or F16/F32, everything else as F32.
 //!
-//! Format 2 (`format` in the manifest): int8 linear weights are quantized per output channel.
+//! Format 2 (`format_version` in the manifest): int8 linear weights are quantized per output channel.
 //! They are still Q8_0 blocks, so any GGUF reader decodes them, but all the blocks of a row
 //! share one f16 scale (the row's `max|w| / 127`, rounded up to an f16), which makes a row
 //! exactly `scale * q` with `q` in [-127, 127]: the CPU loader packs `q` and the row scales
-//! straight into `qmodel-kernels`' int8 GEMM layout. Format 1 (no `format` field) stored
+//! straight into `qmodel-kernels`' int8 GEMM layout. Format 1 (no `format_version` field) stored
 //! ordinary Q8_0 (a scale per 32 weights); its artifacts are refused with a message saying
 //! to re-quantize, rather than misread.
 
@@ -60,7 +60,7 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Artifact format ([`FORMAT_VERSION`]); absent in format-1 manifests.
-    #[serde(default = "format_1")]
+    #[serde(rename = "format_version", default = "format_1")]
     pub format: u32,
     pub model_id: String,
     pub model_version: String,
@@ -132,7 +132,47 @@ pub fn verify(dir: &Path) -> anyhow::Result<Manifest> {
             path.display()
         );
     }
+    check_weights_fit(dir, &manifest)?;
     Ok(manifest)
+}
+
+/// The weights' GGUF header agrees with the manifest: a model file of another precision or task
+/// (copied in with its checksum updated) is refused rather than served under the wrong label.
+/// Reads only the header (metadata and tensor table), not the tensors.
+fn check_weights_fit(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+    use candle_core::quantized::gguf_file;
+    let path = dir.join(WEIGHTS_FILE);
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        // candle's message may carry a backtrace on the lines after the first.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default();
+        anyhow::anyhow!("{}: not a GGUF file: {first}", path.display())
+    })?;
+    let probe = "encoder.layer.0.attention.self.query.weight";
+    let info = content
+        .tensor_infos
+        .get(probe)
+        .with_context(|| format!("{}: no tensor {probe}", path.display()))?;
+    // The dtype quantize stores linear weights in at this precision (one convention, there).
+    let expected = crate::models::storage_dtype(crate::models::Role::Linear, manifest.precision);
+    ensure!(
+        info.ggml_dtype == expected,
+        "{}: linear weights are {:?} but the manifest says precision {:?} ({expected:?}): weights of another precision",
+        path.display(),
+        info.ggml_dtype,
+        manifest.precision
+    );
+    let has_head = content.tensor_infos.contains_key("classifier.weight");
+    ensure!(
+        has_head == (manifest.task == Task::Rerank),
+        "{}: weights {} a classifier head but the manifest's task is {:?}: weights of another model",
+        path.display(),
+        if has_head { "have" } else { "lack" },
+        manifest.task
+    );
+    Ok(())
 }
 
 /// Lowercase hex sha256 of a file. Streams it with `read` rather than through a map, so

@@ -123,7 +123,7 @@ fn an_old_format_artifact_is_refused() {
             let path = dir.join(MANIFEST_FILE);
             let mut json: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-            json.as_object_mut().unwrap().remove("format");
+            json.as_object_mut().unwrap().remove("format_version");
             std::fs::write(&path, json.to_string()).unwrap();
         },
         MANIFEST_FILE,

@@ -447,6 +447,11 @@ impl Operator {
         self.child.id()
     }
 
+    /// The exit status if the process has exited (it stays reaped; `None` while it runs).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("polling the operator process")
+    }
+
     /// SIGKILL: no graceful shutdown, no Lease release.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -485,6 +490,20 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Stops the cluster's kube-apiserver (`tests/cluster/apiserver stop`); etcd, the controllers
+/// and kwok keep running. Affects every test running at the same time: only for a test binary
+/// of its own.
+pub fn stop_apiserver() {
+    let script = repo_root().join("tests/cluster/apiserver");
+    command(&script, &["stop"]).unwrap_or_else(|error| panic!("stopping the apiserver: {error}"));
+}
+
+/// Starts the kube-apiserver stopped by [`stop_apiserver`] again and waits for `/readyz`.
+pub fn start_apiserver() {
+    let script = repo_root().join("tests/cluster/apiserver");
+    command(&script, &["start"]).unwrap_or_else(|error| panic!("starting the apiserver: {error}"));
 }
 
 /// A plain HTTP/1.0 GET on loopback; the body when the status is 200.
