@@ -15,6 +15,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::utils::ResetTimerBackoff;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -239,6 +240,20 @@ pub async fn run(
     .await;
 }
 
+/// Backoff of the controller's watches. One backoff pauses the merged stream of all four
+/// watches, so after an apiserver outage every watch's 410/reconnect error adds a pause:
+/// kube's default (up to 30 s, reset after 120 s quiet) kept the operator blind for minutes.
+/// A 5 s cap is still gentle on a struggling apiserver.
+fn trigger_backoff() -> ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let exponential = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(exponential.into(), Duration::from_secs(30))
+}
+
 /// `Api::all` for the cluster-wide scope, else the namespace's.
 fn scoped<K>(client: Client, namespace: Option<&str>) -> Api<K>
 where
@@ -277,6 +292,7 @@ async fn run_scope(
         managed.clone(),
     )
     .owns(scoped::<PodDisruptionBudget>(client, namespace), managed)
+    .trigger_backoff(trigger_backoff())
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
     .for_each(|result| async move {
