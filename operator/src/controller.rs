@@ -315,7 +315,7 @@ mod tests {
 
     use super::*;
     use crate::crd::QuantizedModelStatus;
-    use crate::testing::{merge, model};
+    use crate::testing::{merge, model, rolling_from_1_to_2};
 
     const APPLY_QUERY: &str = "?&force=true&fieldManager=qmodel-operator";
 
@@ -588,14 +588,7 @@ mod tests {
 
     #[tokio::test]
     async fn stalled_rollout_is_reported_as_degraded() {
-        let mut qm = model(json!({"model": {"version": "2.0.0"}}));
-        qm.status = Some(QuantizedModelStatus {
-            observed_generation: Some(1),
-            current_version: Some("1.0.0".into()),
-            desired_version: Some("2.0.0".into()),
-            image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
-            ..QuantizedModelStatus::default()
-        });
+        let qm = rolling_from_1_to_2();
         let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
             let mut stored = rolled_out(4, 1);
             stored["status"]["replicas"] = json!(2);

@@ -298,7 +298,7 @@ mod tests {
     use super::*;
     use crate::config::OperatorConfig;
     use crate::resources::desired_state;
-    use crate::testing::model;
+    use crate::testing::{model, rolling_from_1_to_2};
 
     fn at(seconds: i64) -> Time {
         Time(Timestamp::from_second(seconds).unwrap())
@@ -460,14 +460,7 @@ mod tests {
 
     #[test]
     fn stalled_rollout_is_degraded_with_the_deployment_reason() {
-        let mut qm = model(json!({"model": {"version": "2.0.0"}}));
-        qm.status = Some(QuantizedModelStatus {
-            observed_generation: Some(1),
-            current_version: Some("1.0.0".into()),
-            desired_version: Some("2.0.0".into()),
-            image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
-            ..QuantizedModelStatus::default()
-        });
+        let qm = rolling_from_1_to_2();
         let mut stuck = deployment_status(2, 2, 1, 1);
         stuck.conditions = Some(vec![DeploymentCondition {
             type_: "Progressing".into(),

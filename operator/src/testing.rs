@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::crd::QuantizedModel;
+use crate::crd::{QuantizedModel, QuantizedModelStatus};
 
 /// A stored model (name, namespace, uid and generation set) with `spec` merged over a minimal
 /// int8 embedding spec.
@@ -31,4 +31,17 @@ pub fn merge(base: &mut Value, patch: Value) {
         }
         (base, patch) => *base = patch,
     }
+}
+
+/// A model whose spec moved to 2.0.0 while 1.0.0 is what runs: a rollout under way.
+pub fn rolling_from_1_to_2() -> QuantizedModel {
+    let mut qm = model(json!({"model": {"version": "2.0.0"}}));
+    qm.status = Some(QuantizedModelStatus {
+        observed_generation: Some(1),
+        current_version: Some("1.0.0".into()),
+        desired_version: Some("2.0.0".into()),
+        image: Some("ghcr.io/qmodel/qmodel-server:2.0.0-int8".into()),
+        ..QuantizedModelStatus::default()
+    });
+    qm
 }
