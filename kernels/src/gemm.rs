@@ -122,10 +122,26 @@ thread_local! {
 }
 
 /// [`linear`] with explicit path, pool and activation.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_with<'w>(
     exec: &Exec<'_>,
     x: &[f32],
+    rows: usize,
+    w: impl Into<WeightView<'w>>,
+    bias: Option<&[f32]>,
+    act: Activation,
+    out: &mut [f32],
+) {
+    linear_scaled_with(exec, x, None, rows, w, bias, act, out)
+}
+
+/// [`linear_with`] of `x * input_scale` (per input channel, multiplied in while quantizing):
+/// the activation half of SmoothQuant-style smoothing, whose weight half (`W * diag(1 /
+/// input_scale)`) is folded into the weights before they were quantized.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_scaled_with<'w>(
+    exec: &Exec<'_>,
+    x: &[f32],
+    input_scale: Option<&[f32]>,
     rows: usize,
     w: impl Into<WeightView<'w>>,
     bias: Option<&[f32]>,
@@ -142,6 +158,9 @@ pub fn linear_with<'w>(
     );
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias must be out_features");
+    }
+    if let Some(s) = input_scale {
+        assert_eq!(s.len(), k, "linear: input_scale must be in_features");
     }
     exec.path.assert_supported();
     if rows == 0 || n == 0 {
@@ -163,7 +182,7 @@ pub fn linear_with<'w>(
                     std::slice::from_raw_parts_mut(sxp.get().add(r0), r1 - r0),
                 )
             };
-            quantize_rows(exec.path, &x[r0 * k..r1 * k], k, qa, qs);
+            quantize_rows(exec.path, &x[r0 * k..r1 * k], input_scale, k, qa, qs);
         };
         let outs = Out::F32 {
             ptr: SyncPtr(out.as_mut_ptr()),
@@ -226,14 +245,22 @@ pub fn quantize_rows_i8(x: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>)
 }
 
 /// Quantizes rows of `x` into the path's byte encoding (`xq + 128` for
-/// VNNI, `xq` otherwise), K padded to `k4` (padding multiplies zero weights).
-fn quantize_rows(path: Path, x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
+/// VNNI, `xq` otherwise), K padded to `k4` (padding multiplies zero weights);
+/// each row is first multiplied by `scale` where given.
+fn quantize_rows(
+    path: Path,
+    x: &[f32],
+    scale: Option<&[f32]>,
+    k: usize,
+    qa: &mut [u8],
+    sx: &mut [f32],
+) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, k, qa, sx) },
+        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, scale, k, qa, sx) },
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { x86::quantize_avx2(x, k, qa, sx) },
-        _ => quantize_generic(x, k, qa, sx, false),
+        Path::Avx2 => unsafe { x86::quantize_avx2(x, scale, k, qa, sx) },
+        _ => unsafe { quantize_v::<f32>(x, scale, k, qa, sx, 0) },
     }
 }
 
@@ -246,15 +273,33 @@ fn quant_v<T: V>(v: T, inv: T) -> T {
 }
 
 /// Quantizes rows with `T`-wide vectors. Bit-identical to
-/// `weight::quantize_row_i8` (same IEEE operations per element), then stores
+/// `weight::quantize_row_i8` of `x * scale` (same IEEE operations per element), then stores
 /// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding).
 #[inline(always)]
-unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], xor: u8) {
+unsafe fn quantize_v<T: V>(
+    x: &[f32],
+    scale: Option<&[f32]>,
+    k: usize,
+    qa: &mut [u8],
+    sx: &mut [f32],
+    xor: u8,
+) {
     let k4 = k4_of(k);
     if k == 0 {
         sx.fill(0.0);
         return;
     }
+    let sp = scale.map(|s| s.as_ptr());
+    // SAFETY (both): `i + T::W <= k` resp. `n = k - i` elements from `i` lie in the row and
+    // in `scale` (`k` long, asserted by the caller).
+    let load = |p: *const f32, i: usize| unsafe {
+        let v = T::load(p.add(i));
+        sp.map_or(v, |s| v.mul(T::load(s.add(i))))
+    };
+    let load_part = |p: *const f32, i: usize, n: usize| unsafe {
+        let v = T::load_part(p.add(i), n, 0.0);
+        sp.map_or(v, |s| v.mul(T::load_part(s.add(i), n, 0.0)))
+    };
     for ((row, q), s) in x
         .chunks_exact(k)
         .zip(qa.chunks_exact_mut(k4))
@@ -265,11 +310,11 @@ unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], x
             let mut m = T::splat(0.0);
             let mut i = 0;
             while i + T::W <= k {
-                m = m.max(T::load(p.add(i)).abs());
+                m = m.max(load(p, i).abs());
                 i += T::W;
             }
             if i < k {
-                m = m.max(T::load_part(p.add(i), k - i, 0.0).abs());
+                m = m.max(load_part(p, i, k - i).abs());
             }
             let amax = m.hmax();
             if amax == 0.0 || !amax.is_finite() {
@@ -280,22 +325,18 @@ unsafe fn quantize_v<T: V>(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], x
             let inv = T::splat(127.0 / amax);
             i = 0;
             while i + T::W <= k {
-                quant_v(T::load(p.add(i)), inv).store_i8(qp.add(i), xor);
+                quant_v(load(p, i), inv).store_i8(qp.add(i), xor);
                 i += T::W;
             }
             if i < k {
                 let mut tmp = [0u8; 16];
-                quant_v(T::load_part(p.add(i), k - i, 0.0), inv).store_i8(tmp.as_mut_ptr(), xor);
+                quant_v(load_part(p, i, k - i), inv).store_i8(tmp.as_mut_ptr(), xor);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), qp.add(i), k - i);
             }
             q[k..].fill(xor);
             *s = amax / 127.0;
         }
     }
-}
-
-fn quantize_generic(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32], offset: bool) {
-    unsafe { quantize_v::<f32>(x, k, qa, sx, if offset { 0x80 } else { 0 }) }
 }
 
 /// Splits the GEMM into tasks and runs them. `quant(r0, r1)` fills the
@@ -470,12 +511,24 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_avx512(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
-        unsafe { quantize_v::<F512>(x, k, qa, sx, 0x80) }
+    pub(super) unsafe fn quantize_avx512(
+        x: &[f32],
+        scale: Option<&[f32]>,
+        k: usize,
+        qa: &mut [u8],
+        sx: &mut [f32],
+    ) {
+        unsafe { quantize_v::<F512>(x, scale, k, qa, sx, 0x80) }
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize_avx2(x: &[f32], k: usize, qa: &mut [u8], sx: &mut [f32]) {
-        unsafe { quantize_v::<F256>(x, k, qa, sx, 0) }
+    pub(super) unsafe fn quantize_avx2(
+        x: &[f32],
+        scale: Option<&[f32]>,
+        k: usize,
+        qa: &mut [u8],
+        sx: &mut [f32],
+    ) {
+        unsafe { quantize_v::<F256>(x, scale, k, qa, sx, 0) }
     }
 
     // ---------------- AVX-512 VNNI ----------------

@@ -129,6 +129,37 @@ fn linear_bitwise_identical_across_paths() {
     }
 }
 
+/// The per-channel input scale is multiplied in exactly as if `x * scale` had been passed,
+/// on every path.
+#[test]
+fn input_scale_equals_prescaled_input() {
+    let mut rng = Rng(7);
+    let pool = ThreadPool::new(2);
+    for &(rows, k, n) in SHAPES {
+        let (x, w, b) = make(&mut rng, rows, k, n);
+        let scale = rng.vec(k, |r| (r.uniform() * 3.0).exp());
+        let prescaled: Vec<f32> = x
+            .chunks_exact(k)
+            .flat_map(|row| row.iter().zip(&scale).map(|(x, s)| x * s))
+            .collect();
+        let qw = QuantizedWeight::from_f32(&w, n, k);
+        for path in paths() {
+            let e = exec(path, &pool);
+            let (mut fused, mut plain) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            let act = Activation::Gelu;
+            linear_scaled_with(&e, &x, Some(&scale), rows, &qw, Some(&b), act, &mut fused);
+            linear_with(&e, &prescaled, rows, &qw, Some(&b), act, &mut plain);
+            assert!(
+                fused
+                    .iter()
+                    .zip(&plain)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "path {path}, shape {rows}x{k}->{n}"
+            );
+        }
+    }
+}
+
 /// |y - exact| <= 0.5 * (sw_n * sum|x| + sx * sum|w_hat|) + f32 slack.
 #[test]
 fn linear_within_quantization_bound() {

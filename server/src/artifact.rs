@@ -18,6 +18,13 @@
 //! straight into `qmodel-kernels`' int8 GEMM layout. Format 1 (no `format_version` field) stored
 //! ordinary Q8_0 (a scale per 32 weights); its artifacts are refused with a message saying
 //! to re-quantize, rather than misread.
+//!
+//! Format 3: int8 artifacts are smoothed (SmoothQuant). The linear layers that read a
+//! LayerNorm output (Q, K, V and the first feed-forward layer of each encoder layer) carry an
+//! F32 `<layer>.input_scale` (`[in]`, calibrated at quantize time): their stored weight is the
+//! original times `1 / input_scale` per column, and the input is multiplied by `input_scale`
+//! before it is quantized. A format-2 reader would ignore those tensors and compute garbage,
+//! hence the new version; format-2 artifacts are refused likewise.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -32,7 +39,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const WEIGHTS_FILE: &str = "model.gguf";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The artifact format this build writes and reads; see the module docs.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
 
-use super::{Int8Linear, Linear, Role, RowTable, Weights};
+use super::{Activations, Int8Linear, Linear, Role, RowTable, Weights};
 
 pub const ARCHITECTURE: &str = "bert";
 
@@ -294,7 +294,7 @@ impl Model {
         match &self.engine {
             Engine::Candle(m) => m.forward(&self.config, batch),
             Engine::Int8(m) => {
-                let hidden = m.forward(&self.config, batch)?;
+                let hidden = m.forward(&self.config, batch, None)?;
                 Ok(Tensor::from_vec(
                     hidden,
                     (tokens, self.config.hidden_size),
@@ -302,6 +302,24 @@ impl Model {
                 )?)
             }
         }
+    }
+
+    /// Raises `max` (one vector per group of [`smoothed_linears`], `[hidden]` wide) to the
+    /// largest |input| per channel that `batch` brings to those layers: the calibration of
+    /// smoothing, run on an unsmoothed int8 model (whose two-pass activations on those layers
+    /// are within 1e-3 of F32).
+    pub fn observe_activations(&self, batch: &Batch, max: &mut [Vec<f32>]) -> anyhow::Result<()> {
+        let Engine::Int8(m) = &self.engine else {
+            bail!("activations are observed on int8 weights on the CPU only");
+        };
+        let groups = smoothed_linears(&self.config).len();
+        ensure!(
+            max.len() == groups && max.iter().all(|m| m.len() == self.config.hidden_size),
+            "expected {groups} maxima of {} channels",
+            self.config.hidden_size
+        );
+        m.forward(&self.config, batch, Some(max))?;
+        Ok(())
     }
 
     /// Relevance logits from the last hidden state of a batch with these input lengths:
@@ -535,37 +553,57 @@ impl Int8Model {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
+                let [query, key, value] = qkv_prefixes(i);
+                // Q, K and V share their input, hence one smoothing, stored with each.
+                let qkv_scale = weights.input_scale(&query)?;
+                ensure!(
+                    weights.input_scale(&key)? == qkv_scale
+                        && weights.input_scale(&value)? == qkv_scale,
+                    "{p}: query, key and value are smoothed differently"
+                );
                 let (mut q, mut scales, mut bias) = (Vec::new(), Vec::new(), Vec::new());
-                for (proj, s) in [("query", score_scale), ("key", 1.0), ("value", 1.0)] {
-                    let prefix = format!("{p}.attention.self.{proj}");
-                    let (wq, ws, _, _) = weights.int8_rows(&prefix)?;
+                for (prefix, s) in [(&query, score_scale), (&key, 1.0), (&value, 1.0)] {
+                    let (wq, ws, _, _) = weights.int8_rows(prefix)?;
                     q.extend(wq);
                     scales.extend(ws.iter().map(|w| w * s));
                     let b = weights.values(&format!("{prefix}.bias"))?;
                     bias.extend(b.iter().map(|b| b * s));
                 }
-                let mut qkv = Int8Linear::new(&q, &scales, 3 * h, h, bias)
-                    .with_context(|| format!("{p}: fused QKV"))?;
-                let mut output = weights.int8_linear(&format!("{p}.output.dense"))?;
-                // Per-token int8 activations cost too much accuracy on the inputs of these
-                // three (all-MiniLM-L6-v2 vs F32, mean/min cosine over the test sentences: all
-                // one-pass 0.9965 / 0.973; two-pass Q/K/V 0.9982 / 0.985; Q/K/V + FFN-down
-                // 0.9987 / 0.988; Q/K/V + both FFN 0.9993 / 0.994, the same as all four), so
-                // they run two-pass (~15-bit activations): 1.9x the int8 work of one pass.
-                let mut intermediate = weights.int8_linear(&format!("{p}.intermediate.dense"))?;
-                qkv.split = true;
-                intermediate.split = true;
-                output.split = true;
+                // Per-token int8 activations cost too much accuracy on the inputs of Q/K/V, the
+                // first feed-forward layer (both LayerNorm outputs, with outlier channels) and
+                // the second (GELU outputs). The first two are smoothed at quantize time; an
+                // artifact without smoothing runs them two-pass. The second always runs
+                // two-pass: 1.33x the int8 work of one pass. (all-MiniLM-L6-v2 vs F32, mean /
+                // min cosine over the test sentences: all one-pass 0.9965 / 0.973; all
+                // two-pass but the attention output 0.9993 / 0.994; smoothed 0.9989 / 0.992.)
+                let smoothed_or_two_pass = |scale: Option<Vec<f32>>| {
+                    scale.map_or(Activations::TwoPass, Activations::Smoothed)
+                };
+                let qkv = Int8Linear::new(
+                    &q,
+                    &scales,
+                    (3 * h, h),
+                    bias,
+                    smoothed_or_two_pass(qkv_scale),
+                )
+                .with_context(|| format!("{p}: fused QKV"))?;
+                let up = format!("{p}.intermediate.dense");
+                let intermediate =
+                    weights.int8_linear(&up, smoothed_or_two_pass(weights.input_scale(&up)?))?;
                 Ok(Int8Layer {
                     qkv,
-                    attention_out: weights.int8_linear(&format!("{p}.attention.output.dense"))?,
+                    attention_out: weights.int8_linear(
+                        &format!("{p}.attention.output.dense"),
+                        Activations::PerToken,
+                    )?,
                     attention_norm: Norm::load(
                         weights,
                         &format!("{p}.attention.output.LayerNorm"),
                         eps,
                     )?,
                     intermediate,
-                    output,
+                    output: weights
+                        .int8_linear(&format!("{p}.output.dense"), Activations::TwoPass)?,
                     output_norm: Norm::load(weights, &format!("{p}.output.LayerNorm"), eps)?,
                 })
             })
@@ -574,7 +612,7 @@ impl Int8Model {
             let classifier = weights.values("classifier.weight")?;
             let bias = weights.values("classifier.bias")?;
             Some(Int8Head {
-                pooler: weights.int8_linear("pooler.dense")?,
+                pooler: weights.int8_linear("pooler.dense", Activations::PerToken)?,
                 classifier,
                 classifier_bias: bias[0],
             })
@@ -591,8 +629,14 @@ impl Int8Model {
         })
     }
 
-    /// The last hidden state, `[tokens, hidden]` row-major.
-    fn forward(&self, config: &Config, batch: &Batch) -> anyhow::Result<Vec<f32>> {
+    /// The last hidden state, `[tokens, hidden]` row-major. With `observed`, also raises it
+    /// to the largest |input| per channel of each group of [`smoothed_linears`].
+    fn forward(
+        &self,
+        config: &Config,
+        batch: &Batch,
+        mut observed: Option<&mut [Vec<f32>]>,
+    ) -> anyhow::Result<Vec<f32>> {
         let (h, ff) = (config.hidden_size, config.intermediate_size);
         let tokens = batch.ids.len();
         let mut x = Vec::with_capacity(tokens * h);
@@ -610,7 +654,10 @@ impl Int8Model {
         let mut context = vec![0f32; tokens * h];
         let mut y = vec![0f32; tokens * h];
         let mut inter = vec![0f32; FEED_FORWARD_CHUNK.min(tokens) * ff];
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(max) = observed.as_deref_mut() {
+                raise_to_abs_max(&mut max[2 * i], &x);
+            }
             layer.qkv.forward(&x, tokens, Activation::None, &mut qkv);
             attention(
                 &qkv,
@@ -629,6 +676,9 @@ impl Int8Model {
                 let n = FEED_FORWARD_CHUNK.min(tokens - start);
                 let rows = &y[start * h..(start + n) * h];
                 let inter = &mut inter[..n * ff];
+                if let Some(max) = observed.as_deref_mut() {
+                    raise_to_abs_max(&mut max[2 * i + 1], rows);
+                }
                 layer.intermediate.forward(rows, n, Activation::Gelu, inter);
                 let out = &mut x[start * h..(start + n) * h];
                 layer.output.forward(inter, n, Activation::None, out);
@@ -663,6 +713,31 @@ impl Int8Model {
                     + head.classifier_bias
             })
             .collect())
+    }
+}
+
+/// The linear layers of an int8 artifact whose inputs are smoothed, grouped by the input they
+/// share: per encoder layer, Q/K/V (the input of attention), then the first feed-forward layer.
+pub fn smoothed_linears(config: &Config) -> Vec<Vec<String>> {
+    (0..config.num_hidden_layers)
+        .flat_map(|i| {
+            [
+                qkv_prefixes(i).to_vec(),
+                vec![format!("encoder.layer.{i}.intermediate.dense")],
+            ]
+        })
+        .collect()
+}
+
+fn qkv_prefixes(layer: usize) -> [String; 3] {
+    ["query", "key", "value"].map(|p| format!("encoder.layer.{layer}.attention.self.{p}"))
+}
+
+fn raise_to_abs_max(max: &mut [f32], rows: &[f32]) {
+    for row in rows.chunks_exact(max.len()) {
+        max.iter_mut()
+            .zip(row)
+            .for_each(|(m, x)| *m = m.max(x.abs()));
     }
 }
 

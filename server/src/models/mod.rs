@@ -14,7 +14,9 @@ use anyhow::{Context, bail, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
-use qmodel_kernels::{Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_with};
+use qmodel_kernels::{
+    Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_scaled_with, linear_with,
+};
 
 use crate::artifact::{Pooling, Precision};
 
@@ -62,6 +64,9 @@ pub fn quantize_tensor(
     }
     QTensor::quantize(tensor, dtype)
 }
+
+/// Suffix of the tensor holding a smoothed linear layer's input scale.
+pub const INPUT_SCALE: &str = "input_scale";
 
 const Q8_0_BLOCK: usize = 32;
 const Q8_0_BYTES: usize = 34;
@@ -197,19 +202,31 @@ impl Weights {
     }
 
     /// A linear layer `prefix.weight` (`[out, in]`) + `prefix.bias`. Block-quantized weights
-    /// stay quantized on CPU; on a GPU every weight is dense in the compute dtype.
+    /// stay quantized on CPU; on a GPU every weight is dense in the compute dtype, and a
+    /// smoothed weight is unsmoothed (its columns multiplied back by the input scale).
     pub fn linear(&self, prefix: &str) -> anyhow::Result<Linear> {
         let weight = self.qtensor(&format!("{prefix}.weight"))?;
         let bias = self.tensor(&format!("{prefix}.bias"))?;
+        let input_scale = self.input_scale(prefix)?;
         let quantized = !matches!(weight.dtype(), GgmlDType::F32 | GgmlDType::F16);
         if quantized && self.device.is_cpu() {
+            ensure!(
+                input_scale.is_none(),
+                "{}: {prefix} is smoothed, which only the int8 kernels serve",
+                self.path.display()
+            );
             Ok(Linear::Quantized {
                 weight: QMatMul::from_qtensor(weight)?,
                 bias,
             })
         } else {
+            let mut weight = weight.dequantize(&Device::Cpu)?;
+            if let Some(scale) = input_scale {
+                let columns = scale.len();
+                weight =
+                    weight.broadcast_mul(&Tensor::from_vec(scale, (1, columns), &Device::Cpu)?)?;
+            }
             let weight = weight
-                .dequantize(&Device::Cpu)?
                 .to_dtype(self.compute_dtype())?
                 .to_device(&self.device)?;
             Ok(Linear::Dense { weight, bias })
@@ -250,17 +267,37 @@ impl Weights {
         Ok((q, scales, rows, cols))
     }
 
-    /// Linear layer `prefix` for `qmodel-kernels`.
-    pub fn int8_linear(&self, prefix: &str) -> anyhow::Result<Int8Linear> {
+    /// Linear layer `prefix` for `qmodel-kernels`, its input quantized as `activations`.
+    pub fn int8_linear(
+        &self,
+        prefix: &str,
+        activations: Activations,
+    ) -> anyhow::Result<Int8Linear> {
         let (q, scales, rows, cols) = self.int8_rows(prefix)?;
         Int8Linear::new(
             &q,
             &scales,
-            rows,
-            cols,
+            (rows, cols),
             self.values(&format!("{prefix}.bias"))?,
+            activations,
         )
         .with_context(|| format!("{}: {prefix}", self.path.display()))
+    }
+
+    /// The smoothing of linear layer `prefix`'s input (`prefix.input_scale`, see
+    /// [`Activations::Smoothed`]), if the artifact has one.
+    pub fn input_scale(&self, prefix: &str) -> anyhow::Result<Option<Vec<f32>>> {
+        let name = format!("{prefix}.{INPUT_SCALE}");
+        if !self.content.tensor_infos.contains_key(&name) {
+            return Ok(None);
+        }
+        let scale = self.values(&name)?;
+        ensure!(
+            scale.iter().all(|s| s.is_finite() && *s > 0.0),
+            "{}: {name} has a value that is not a positive number",
+            self.path.display()
+        );
+        Ok(Some(scale))
     }
 
     pub fn layer_norm(&self, prefix: &str, eps: f64) -> anyhow::Result<candle_nn::LayerNorm> {
@@ -333,35 +370,53 @@ impl Module for Linear {
     }
 }
 
+/// How an [`Int8Linear`] quantizes its input, per token.
+pub enum Activations {
+    /// One int8 pass.
+    PerToken,
+    /// One int8 pass over `x * input_scale` (SmoothQuant): the artifact's weight columns were
+    /// multiplied by `1 / input_scale` before quantization, moving the input's outlier
+    /// channels into the weights, which are quantized per output channel and absorb them.
+    Smoothed(Vec<f32>),
+    /// Two passes: `x = a + r` with `a` on the per-token int8 grid, both halves through the
+    /// int8 GEMM, so activations carry ~15 bits (twice the int8 work).
+    TwoPass,
+}
+
 /// A linear layer on `qmodel-kernels`: per-output-channel int8 weight, F32 bias, activations
 /// quantized per token at run time (so a token's result never depends on the other tokens).
 pub struct Int8Linear {
     pub weight: QuantizedWeight,
     pub bias: Vec<f32>,
-    /// Two-pass activations: `x = a + r` with `a` on the per-token int8 grid, both halves
-    /// through the int8 GEMM, so activations carry ~15 bits (for outlier-heavy inputs).
-    pub split: bool,
+    pub activations: Activations,
 }
 
 impl Int8Linear {
     pub fn new(
         q: &[i8],
         scales: &[f32],
-        out: usize,
-        inp: usize,
+        (out, inp): (usize, usize),
         bias: Vec<f32>,
+        activations: Activations,
     ) -> anyhow::Result<Self> {
         ensure!(
             bias.len() == out,
             "bias has {} values, not {out}",
             bias.len()
         );
+        if let Activations::Smoothed(s) = &activations {
+            ensure!(
+                s.len() == inp,
+                "input scale has {} values, not {inp}",
+                s.len()
+            );
+        }
         let weight = QuantizedWeight::from_int8(q, scales, out, inp)
             .map_err(|e| anyhow::anyhow!("cannot pack the int8 weight: {e}"))?;
         Ok(Self {
             weight,
             bias,
-            split: false,
+            activations,
         })
     }
 
@@ -373,43 +428,33 @@ impl Int8Linear {
     /// (`QMODEL_THREADS`), kernel path `QMODEL_KERNEL` or the best the CPU has.
     pub fn forward(&self, x: &[f32], rows: usize, act: Activation, out: &mut [f32]) {
         let exec = Exec::global();
-        if !self.split {
-            linear_with(&exec, x, rows, &self.weight, Some(&self.bias), act, out);
-            return;
-        }
-        let k = self.weight.in_features();
-        let mut rest = vec![0f32; x.len()];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked above).
-            unsafe { residual_avx2(x, k, &mut rest) };
-        } else {
-            residual(x, k, &mut rest);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        residual(x, k, &mut rest);
-        let mut low = vec![0f32; out.len()];
-        linear_with(
-            &exec,
-            &rest,
-            rows,
-            &self.weight,
-            None,
-            Activation::None,
-            &mut low,
-        );
-        linear_with(
-            &exec,
-            x,
-            rows,
-            &self.weight,
-            Some(&self.bias),
-            Activation::None,
-            out,
-        );
-        out.iter_mut().zip(&low).for_each(|(o, l)| *o += l);
-        if act == Activation::Gelu {
-            gelu_inplace_with(exec.path, out);
+        let bias = Some(&self.bias[..]);
+        match &self.activations {
+            Activations::PerToken => linear_with(&exec, x, rows, &self.weight, bias, act, out),
+            Activations::Smoothed(scale) => {
+                linear_scaled_with(&exec, x, Some(scale), rows, &self.weight, bias, act, out)
+            }
+            Activations::TwoPass => {
+                let k = self.weight.in_features();
+                let mut rest = vec![0f32; x.len()];
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 is present (checked above).
+                    unsafe { residual_avx2(x, k, &mut rest) };
+                } else {
+                    residual(x, k, &mut rest);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                residual(x, k, &mut rest);
+                let mut low = vec![0f32; out.len()];
+                let none = Activation::None;
+                linear_with(&exec, &rest, rows, &self.weight, None, none, &mut low);
+                linear_with(&exec, x, rows, &self.weight, bias, none, out);
+                out.iter_mut().zip(&low).for_each(|(o, l)| *o += l);
+                if act == Activation::Gelu {
+                    gelu_inplace_with(exec.path, out);
+                }
+            }
         }
     }
 }
