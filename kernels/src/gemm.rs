@@ -14,6 +14,13 @@
 //!   (The +128 offset would not be safe here: 255*127*2 > 32767.)
 //! - Scalar: plain i32 arithmetic.
 //!
+//! Asymmetric rows (for inputs far from symmetric, like GELU outputs) use all 256 levels:
+//! `u = round(x / s) + zp` in [0, 255], stored as `u - 128` in the same byte encodings.
+//! Every row carries the integer `zero[r]` its bytes are offset by in the path's reading of
+//! them (VNNI: 128 symmetric, `zp` asymmetric; AVX2 and scalar: 0, `zp - 128`), and every
+//! path computes `acc - zero[r] * sum_k wq[n][k]`. (The AVX2 bytes of an asymmetric row
+//! reach -128: `|-128| * 127 * 2` = 32512 still fits `vpmaddubsw`.)
+//!
 //! All three are exact, hence bit-identical. The f32 epilogue is
 //! `y = (acc as f32) * (sx[r] * sw[n]) + bias[n]` then optional GELU, with the
 //! same IEEE operations in the same order on every path, so `linear` outputs
@@ -131,17 +138,27 @@ pub fn linear_with<'w>(
     act: Activation,
     out: &mut [f32],
 ) {
-    linear_scaled_with(exec, x, None, rows, w, bias, act, out)
+    linear_quant_with(exec, x, InputQuant::default(), rows, w, bias, act, out)
 }
 
-/// [`linear_with`] of `x * input_scale` (per input channel, multiplied in while quantizing):
-/// the activation half of SmoothQuant-style smoothing, whose weight half (`W * diag(1 /
-/// input_scale)`) is folded into the weights before they were quantized.
+/// How [`linear_quant_with`] quantizes each row of its input.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InputQuant<'a> {
+    /// Per input channel, multiplied in before quantizing: the activation half of
+    /// SmoothQuant, whose weight half (`W * diag(1 / scale)`) was folded into the weights
+    /// before they were quantized.
+    pub scale: Option<&'a [f32]>,
+    /// 256 levels from the row's min to its max (with a zero point) instead of 255 symmetric
+    /// ones: twice the resolution for one-sided inputs such as GELU outputs.
+    pub asymmetric: bool,
+}
+
+/// [`linear_with`], its input quantized as `input` says.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_scaled_with<'w>(
+pub fn linear_quant_with<'w>(
     exec: &Exec<'_>,
     x: &[f32],
-    input_scale: Option<&[f32]>,
+    input: InputQuant<'_>,
     rows: usize,
     w: impl Into<WeightView<'w>>,
     bias: Option<&[f32]>,
@@ -159,8 +176,8 @@ pub fn linear_scaled_with<'w>(
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "linear: bias must be out_features");
     }
-    if let Some(s) = input_scale {
-        assert_eq!(s.len(), k, "linear: input_scale must be in_features");
+    if let Some(s) = input.scale {
+        assert_eq!(s.len(), k, "linear: input scale must be in_features");
     }
     exec.path.assert_supported();
     if rows == 0 || n == 0 {
@@ -168,21 +185,24 @@ pub fn linear_scaled_with<'w>(
     }
     let k4 = k4_of(k);
     let mut sx = vec![0f32; rows];
+    let mut zero = vec![0i32; rows];
     SCRATCH.with(|s| {
         let mut buf = s.take();
         buf.clear();
         buf.resize(rows * k4, 0);
         let a = SyncPtr(buf.as_mut_ptr());
         let sxp = SyncPtr(sx.as_mut_ptr());
+        let zp = SyncPtr(zero.as_mut_ptr());
         let quant = |r0: usize, r1: usize| {
             // SAFETY: disjoint row ranges per task.
-            let (qa, qs) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(a.get().add(r0 * k4), (r1 - r0) * k4),
-                    std::slice::from_raw_parts_mut(sxp.get().add(r0), r1 - r0),
-                )
+            let rows = unsafe {
+                QuantRows {
+                    bytes: std::slice::from_raw_parts_mut(a.get().add(r0 * k4), (r1 - r0) * k4),
+                    scale: std::slice::from_raw_parts_mut(sxp.get().add(r0), r1 - r0),
+                    zero: std::slice::from_raw_parts_mut(zp.get().add(r0), r1 - r0),
+                }
             };
-            quantize_rows(exec.path, &x[r0 * k..r1 * k], input_scale, k, qa, qs);
+            quantize_rows(exec.path, &x[r0 * k..r1 * k], input, k, rows);
         };
         let outs = Out::F32 {
             ptr: SyncPtr(out.as_mut_ptr()),
@@ -190,7 +210,7 @@ pub fn linear_scaled_with<'w>(
             bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()),
             act,
         };
-        run_tiled(exec, rows, w, a.get(), outs, &quant);
+        run_tiled(exec, rows, w, (a.get(), zp.get()), outs, &quant);
         s.replace(buf);
     });
 }
@@ -226,10 +246,12 @@ pub fn gemm_i32_with<'w>(
             buf[r * k4 + k..(r + 1) * k4].fill(0x80);
         }
     }
+    let zero = vec![if offset { 128 } else { 0 }; rows];
     let outs = Out::I32 {
         ptr: SyncPtr(out.as_mut_ptr()),
     };
-    run_tiled(exec, rows, w, buf.as_mut_ptr(), outs, &|_, _| {});
+    let acts = (buf.as_mut_ptr(), zero.as_ptr() as *mut i32);
+    run_tiled(exec, rows, w, acts, outs, &|_, _| {});
 }
 
 /// Per-row symmetric quantization, public for tests and for callers that
@@ -244,52 +266,46 @@ pub fn quantize_rows_i8(x: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>)
     (q, s)
 }
 
-/// Quantizes rows of `x` into the path's byte encoding (`xq + 128` for
-/// VNNI, `xq` otherwise), K padded to `k4` (padding multiplies zero weights);
-/// each row is first multiplied by `scale` where given.
-fn quantize_rows(
-    path: Path,
-    x: &[f32],
-    scale: Option<&[f32]>,
-    k: usize,
-    qa: &mut [u8],
-    sx: &mut [f32],
-) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, scale, k, qa, sx) },
-        #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { x86::quantize_avx2(x, scale, k, qa, sx) },
-        _ => unsafe { quantize_v::<f32>(x, scale, k, qa, sx, 0) },
-    }
+/// Quantized rows: `k4` bytes each in the path's encoding, and per row its scale and
+/// `zero` (see the module docs).
+pub(crate) struct QuantRows<'a> {
+    bytes: &'a mut [u8],
+    scale: &'a mut [f32],
+    zero: &'a mut [i32],
 }
 
-#[inline(always)]
-fn quant_v<T: V>(v: T, inv: T) -> T {
-    v.mul(inv)
-        .round_even()
-        .max(T::splat(-127.0))
-        .min(T::splat(127.0))
+/// Quantizes rows of `x` into the path's byte encoding (`xq + 128` for
+/// VNNI, `xq` otherwise), K padded to `k4` (padding multiplies zero weights).
+fn quantize_rows(path: Path, x: &[f32], input: InputQuant<'_>, k: usize, out: QuantRows<'_>) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, input, k, out) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { x86::quantize_avx2(x, input, k, out) },
+        _ => unsafe { quantize_v::<f32>(x, input, k, out, 0) },
+    }
 }
 
 /// Quantizes rows with `T`-wide vectors. Bit-identical to
 /// `weight::quantize_row_i8` of `x * scale` (same IEEE operations per element), then stores
-/// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding).
+/// `q ^ xor` (`xor = 0x80` gives the VNNI `q + 128` encoding). Asymmetric rows store
+/// `u - 128` the same way.
 #[inline(always)]
 unsafe fn quantize_v<T: V>(
     x: &[f32],
-    scale: Option<&[f32]>,
+    input: InputQuant<'_>,
     k: usize,
-    qa: &mut [u8],
-    sx: &mut [f32],
+    out: QuantRows<'_>,
     xor: u8,
 ) {
     let k4 = k4_of(k);
+    let symmetric_zero = if xor == 0x80 { 128 } else { 0 };
     if k == 0 {
-        sx.fill(0.0);
+        out.scale.fill(0.0);
+        out.zero.fill(symmetric_zero);
         return;
     }
-    let sp = scale.map(|s| s.as_ptr());
+    let sp = input.scale.map(|s| s.as_ptr());
     // SAFETY (both): `i + T::W <= k` resp. `n = k - i` elements from `i` lie in the row and
     // in `scale` (`k` long, asserted by the caller).
     let load = |p: *const f32, i: usize| unsafe {
@@ -300,41 +316,68 @@ unsafe fn quantize_v<T: V>(
         let v = T::load_part(p.add(i), n, 0.0);
         sp.map_or(v, |s| v.mul(T::load_part(s.add(i), n, 0.0)))
     };
-    for ((row, q), s) in x
+    let rows = x
         .chunks_exact(k)
-        .zip(qa.chunks_exact_mut(k4))
-        .zip(sx.iter_mut())
-    {
+        .zip(out.bytes.chunks_exact_mut(k4))
+        .zip(out.scale.iter_mut().zip(out.zero.iter_mut()));
+    for ((row, q), (s, zero)) in rows {
         let (p, qp) = (row.as_ptr(), q.as_mut_ptr());
         unsafe {
-            let mut m = T::splat(0.0);
+            // The row's max and -min (0 included in the range, so zero stays exact).
+            let (mut hi, mut neg_lo) = (T::splat(0.0), T::splat(0.0));
+            let zero_v = T::splat(0.0);
             let mut i = 0;
             while i + T::W <= k {
-                m = m.max(load(p, i).abs());
+                let v = load(p, i);
+                hi = hi.max(v);
+                neg_lo = neg_lo.max(zero_v.sub(v));
                 i += T::W;
             }
             if i < k {
-                m = m.max(load_part(p, i, k - i).abs());
+                let v = load_part(p, i, k - i);
+                hi = hi.max(v);
+                neg_lo = neg_lo.max(zero_v.sub(v));
             }
-            let amax = m.hmax();
-            if amax == 0.0 || !amax.is_finite() {
-                q.fill(xor);
-                *s = if amax == 0.0 { 0.0 } else { f32::NAN };
-                continue;
-            }
-            let inv = T::splat(127.0 / amax);
+            let (hi, neg_lo) = (hi.hmax(), neg_lo.hmax());
+            *zero = symmetric_zero;
+            let (inv, offset, lo_clamp, hi_clamp) = if input.asymmetric {
+                let range = hi + neg_lo;
+                if range == 0.0 || !range.is_finite() {
+                    q.fill(xor);
+                    *s = if range == 0.0 { 0.0 } else { f32::NAN };
+                    continue;
+                }
+                let inv = 255.0 / range;
+                let zp = ((neg_lo * inv + crate::simd::ROUND_MAGIC) - crate::simd::ROUND_MAGIC)
+                    .clamp(0.0, 255.0);
+                *s = range / 255.0;
+                *zero = symmetric_zero + zp as i32 - 128;
+                // q = clamp(round(x * inv) + zp, 0, 255) - 128
+                (inv, zp - 128.0, -128.0 - (zp - 128.0), 127.0 - (zp - 128.0))
+            } else {
+                let amax = hi.max(neg_lo);
+                if amax == 0.0 || !amax.is_finite() {
+                    q.fill(xor);
+                    *s = if amax == 0.0 { 0.0 } else { f32::NAN };
+                    continue;
+                }
+                *s = amax / 127.0;
+                (127.0 / amax, 0.0, -127.0, 127.0)
+            };
+            let (inv, offset) = (T::splat(inv), T::splat(offset));
+            let (lo_c, hi_c) = (T::splat(lo_clamp), T::splat(hi_clamp));
+            let quant = |v: T| v.mul(inv).round_even().max(lo_c).min(hi_c).add(offset);
             i = 0;
             while i + T::W <= k {
-                quant_v(load(p, i), inv).store_i8(qp.add(i), xor);
+                quant(load(p, i)).store_i8(qp.add(i), xor);
                 i += T::W;
             }
             if i < k {
                 let mut tmp = [0u8; 16];
-                quant_v(load_part(p, i, k - i), inv).store_i8(tmp.as_mut_ptr(), xor);
+                quant(load_part(p, i, k - i)).store_i8(tmp.as_mut_ptr(), xor);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), qp.add(i), k - i);
             }
             q[k..].fill(xor);
-            *s = amax / 127.0;
         }
     }
 }
@@ -345,7 +388,7 @@ fn run_tiled(
     exec: &Exec<'_>,
     rows: usize,
     w: WeightView<'_>,
-    a: *mut u8,
+    (a, zero): (*mut u8, *mut i32),
     out: Out,
     quant: &(dyn Fn(usize, usize) + Sync),
 ) {
@@ -356,9 +399,13 @@ fn run_tiled(
     } else {
         exec.pool.threads()
     };
-    let a = SyncPtr(a);
+    let (a, zero) = (SyncPtr(a), SyncPtr(zero));
     let tile = |r0: usize, r1: usize, p0: usize, p1: usize| unsafe {
-        tile_dispatch(exec.path, a.get() as *const u8, w, r0, r1, p0, p1, out)
+        let acts = Acts {
+            bytes: a.get(),
+            zero: zero.get(),
+        };
+        tile_dispatch(exec.path, acts, w, r0, r1, p0, p1, out)
     };
     if threads == 1 {
         // Row blocks keep the quantized block (<= 64 x K bytes) in L2 while
@@ -406,13 +453,21 @@ fn run_tiled(
     }
 }
 
+/// Quantized activations as the tile kernels read them: `rows * k4` bytes in the path's
+/// encoding and each row's `zero`.
+#[derive(Clone, Copy)]
+pub(crate) struct Acts {
+    bytes: *const u8,
+    zero: *const i32,
+}
+
 /// # Safety
-/// `a` holds `rows * k4` quantized bytes in the path's encoding; `out` is
+/// `a` holds `rows` quantized rows in the path's encoding; `out` is
 /// valid for the whole `[rows, n]` output; the path is supported.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(
     path: Path,
-    a: *const u8,
+    a: Acts,
     w: WeightView<'_>,
     r0: usize,
     r1: usize,
@@ -468,7 +523,7 @@ unsafe fn epilogue<T: V>(
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_scalar(
-    a: *const u8,
+    a: Acts,
     w: WeightView<'_>,
     r0: usize,
     r1: usize,
@@ -481,7 +536,8 @@ unsafe fn tile_scalar(
     for p in p0..p1 {
         let b = &w.packed[p * k4 * PANEL..(p + 1) * k4 * PANEL];
         for r in r0..r1 {
-            let x = unsafe { std::slice::from_raw_parts(a.add(r * k4) as *const i8, k4) };
+            let x = unsafe { std::slice::from_raw_parts(a.bytes.add(r * k4) as *const i8, k4) };
+            let zero = unsafe { *a.zero.add(r) };
             let mut acc = [0i32; PANEL];
             for g in 0..kg {
                 let xg = &x[g * KGROUP..(g + 1) * KGROUP];
@@ -495,6 +551,7 @@ unsafe fn tile_scalar(
             let n0 = p * PANEL;
             let nv = (w.n - n0).min(PANEL);
             for (c, &v) in acc.iter().enumerate().take(nv) {
+                let v = v - zero * w.row_sums[n0 + c];
                 match out {
                     Out::I32 { ptr } => unsafe { *ptr.get().add(r * w.n + n0 + c) = v },
                     Out::F32 { .. } => unsafe { epilogue::<f32>(v as f32, r, n0 + c, 1, &w, out) },
@@ -513,22 +570,20 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_avx512(
         x: &[f32],
-        scale: Option<&[f32]>,
+        input: InputQuant<'_>,
         k: usize,
-        qa: &mut [u8],
-        sx: &mut [f32],
+        out: QuantRows<'_>,
     ) {
-        unsafe { quantize_v::<F512>(x, scale, k, qa, sx, 0x80) }
+        unsafe { quantize_v::<F512>(x, input, k, out, 0x80) }
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn quantize_avx2(
         x: &[f32],
-        scale: Option<&[f32]>,
+        input: InputQuant<'_>,
         k: usize,
-        qa: &mut [u8],
-        sx: &mut [f32],
+        out: QuantRows<'_>,
     ) {
-        unsafe { quantize_v::<F256>(x, scale, k, qa, sx, 0) }
+        unsafe { quantize_v::<F256>(x, input, k, out, 0) }
     }
 
     // ---------------- AVX-512 VNNI ----------------
@@ -565,7 +620,7 @@ mod x86 {
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block512<const MR: usize, const NR: usize>(
-        a: *const u8,
+        a: Acts,
         w: &WeightView<'_>,
         r: usize,
         p: usize,
@@ -575,7 +630,7 @@ mod x86 {
             let k4 = w.k4();
             let ldb = k4 * PANEL;
             let acc = micro512::<MR, NR>(
-                a.add(r * k4),
+                a.bytes.add(r * k4),
                 k4,
                 w.packed.as_ptr().add(p * ldb),
                 ldb,
@@ -584,10 +639,9 @@ mod x86 {
             for j in 0..NR {
                 let n0 = (p + j) * PANEL;
                 let nv = (w.n - n0).min(PANEL);
-                let corr = _mm512_slli_epi32::<7>(_mm512_loadu_si512(
-                    w.row_sums.as_ptr().add(n0) as *const __m512i
-                ));
+                let sums = _mm512_loadu_si512(w.row_sums.as_ptr().add(n0) as *const __m512i);
                 for (i, acc) in acc.iter().enumerate() {
+                    let corr = _mm512_mullo_epi32(sums, _mm512_set1_epi32(*a.zero.add(r + i)));
                     let v = _mm512_sub_epi32(acc[j], corr);
                     match out {
                         Out::I32 { ptr } => {
@@ -621,7 +675,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile_avx512(
-        a: *const u8,
+        a: Acts,
         w: WeightView<'_>,
         r0: usize,
         r1: usize,
@@ -654,7 +708,7 @@ mod x86 {
     /// One panel (16 channels = 2 ymm) x MR rows.
     #[inline(always)]
     unsafe fn block256<const MR: usize, const NR: usize>(
-        a: *const u8,
+        a: Acts,
         w: &WeightView<'_>,
         r: usize,
         p: usize,
@@ -665,7 +719,8 @@ mod x86 {
             let k4 = w.k4();
             let kg = k4 / 4;
             let b = w.packed.as_ptr().add(p * k4 * PANEL);
-            let a = a.add(r * k4);
+            let zero = a.zero.add(r);
+            let a = a.bytes.add(r * k4);
             let ones = _mm256_set1_epi16(1);
             let mut acc = [[_mm256_setzero_si256(); 2]; MR];
             for g in 0..kg {
@@ -687,26 +742,24 @@ mod x86 {
                     break;
                 }
                 let nv = (w.n - n0).min(8);
+                let sums = _mm256_loadu_si256(w.row_sums.as_ptr().add(n0) as *const __m256i);
                 for (i, acc) in acc.iter().enumerate() {
+                    let corr = _mm256_mullo_epi32(sums, _mm256_set1_epi32(*zero.add(i)));
+                    let v = _mm256_sub_epi32(acc[h], corr);
                     match out {
                         Out::I32 { ptr } => {
                             let dst = ptr.get().add((r + i) * w.n + n0);
                             if nv == 8 {
-                                _mm256_storeu_si256(dst as *mut __m256i, acc[h]);
+                                _mm256_storeu_si256(dst as *mut __m256i, v);
                             } else {
                                 let mut tmp = [0i32; 8];
-                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, acc[h]);
+                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, v);
                                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, nv);
                             }
                         }
-                        Out::F32 { .. } => epilogue::<F256>(
-                            F256(_mm256_cvtepi32_ps(acc[h])),
-                            r + i,
-                            n0,
-                            nv,
-                            w,
-                            out,
-                        ),
+                        Out::F32 { .. } => {
+                            epilogue::<F256>(F256(_mm256_cvtepi32_ps(v)), r + i, n0, nv, w, out)
+                        }
                     }
                 }
             }
@@ -715,7 +768,7 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(
-        a: *const u8,
+        a: Acts,
         w: WeightView<'_>,
         r0: usize,
         r1: usize,

@@ -70,8 +70,8 @@ mod weight;
 
 pub use dispatch::Path;
 pub use gemm::{
-    Activation, Exec, PAR_MIN_MACS, gemm_i32_with, linear, linear_act, linear_scaled_with,
-    linear_with, quantize_rows_i8,
+    Activation, Exec, InputQuant, PAR_MIN_MACS, gemm_i32_with, linear, linear_act,
+    linear_quant_with, linear_with, quantize_rows_i8,
 };
 pub use ops::{
     exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,

@@ -44,7 +44,6 @@ pub(crate) trait V: Copy {
     fn div(self, o: Self) -> Self;
     fn min(self, o: Self) -> Self;
     fn max(self, o: Self) -> Self;
-    fn abs(self) -> Self;
     /// `2^n` for `n` an integral value in [-126, 127].
     fn pow2i(self) -> Self;
     /// `self < o ? t : f`, lane-wise.
@@ -99,10 +98,6 @@ impl V for f32 {
     #[inline(always)]
     fn max(self, o: Self) -> Self {
         if self > o { self } else { o }
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f32::from_bits(self.to_bits() & 0x7fff_ffff)
     }
     #[inline(always)]
     fn pow2i(self) -> Self {
@@ -192,15 +187,6 @@ mod x86 {
             unsafe { F512(_mm512_max_ps(self.0, o.0)) }
         }
         #[inline(always)]
-        fn abs(self) -> Self {
-            unsafe {
-                F512(_mm512_castsi512_ps(_mm512_and_si512(
-                    _mm512_castps_si512(self.0),
-                    _mm512_set1_epi32(0x7fff_ffff),
-                )))
-            }
-        }
-        #[inline(always)]
         fn pow2i(self) -> Self {
             unsafe {
                 let n = _mm512_cvttps_epi32(self.0);
@@ -272,15 +258,6 @@ mod x86 {
         #[inline(always)]
         fn max(self, o: Self) -> Self {
             unsafe { F256(_mm256_max_ps(self.0, o.0)) }
-        }
-        #[inline(always)]
-        fn abs(self) -> Self {
-            unsafe {
-                F256(_mm256_castsi256_ps(_mm256_and_si256(
-                    _mm256_castps_si256(self.0),
-                    _mm256_set1_epi32(0x7fff_ffff),
-                )))
-            }
         }
         #[inline(always)]
         fn pow2i(self) -> Self {

@@ -130,7 +130,7 @@ fn linear_bitwise_identical_across_paths() {
 }
 
 /// The per-channel input scale is multiplied in exactly as if `x * scale` had been passed,
-/// on every path.
+/// on every path, symmetric or not.
 #[test]
 fn input_scale_equals_prescaled_input() {
     let mut rng = Rng(7);
@@ -143,19 +143,119 @@ fn input_scale_equals_prescaled_input() {
             .flat_map(|row| row.iter().zip(&scale).map(|(x, s)| x * s))
             .collect();
         let qw = QuantizedWeight::from_f32(&w, n, k);
-        for path in paths() {
+        for (path, asymmetric) in paths().into_iter().flat_map(|p| [(p, false), (p, true)]) {
             let e = exec(path, &pool);
             let (mut fused, mut plain) = (vec![0f32; rows * n], vec![0f32; rows * n]);
             let act = Activation::Gelu;
-            linear_scaled_with(&e, &x, Some(&scale), rows, &qw, Some(&b), act, &mut fused);
-            linear_with(&e, &prescaled, rows, &qw, Some(&b), act, &mut plain);
+            let scaled = InputQuant {
+                scale: Some(&scale),
+                asymmetric,
+            };
+            let unscaled = InputQuant {
+                scale: None,
+                asymmetric,
+            };
+            linear_quant_with(&e, &x, scaled, rows, &qw, Some(&b), act, &mut fused);
+            linear_quant_with(
+                &e,
+                &prescaled,
+                unscaled,
+                rows,
+                &qw,
+                Some(&b),
+                act,
+                &mut plain,
+            );
             assert!(
                 fused
                     .iter()
                     .zip(&plain)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "path {path}, shape {rows}x{k}->{n}"
+                "path {path}, asymmetric {asymmetric}, shape {rows}x{k}->{n}"
             );
+        }
+    }
+}
+
+/// GELU-like rows (one-sided, including all-positive, all-negative and all-zero rows):
+/// asymmetric quantization is bit-identical across paths, each output within the rounding
+/// bound of its 256-level grid, and more accurate than symmetric on such data.
+#[test]
+fn asymmetric_rows_identical_across_paths_and_within_bound() {
+    let mut rng = Rng(11);
+    let pool = ThreadPool::new(2);
+    let asymmetric = InputQuant {
+        scale: None,
+        asymmetric: true,
+    };
+    for &(rows, k, n) in SHAPES {
+        let (mut x, w, b) = make(&mut rng, rows, k, n);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = match (i / k) % 4 {
+                0 => gelu_scalar(*v * 2.0),
+                1 => v.abs() + 0.5,
+                2 => -v.abs(),
+                _ => 0.0,
+            };
+        }
+        let qw = QuantizedWeight::from_f32(&w, n, k);
+        let (what, sw) = (qw.to_f32(), qw.scales());
+        let mut reference: Option<Vec<f32>> = None;
+        for path in paths() {
+            let e = exec(path, &pool);
+            let (mut y, mut y_sym) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+            linear_quant_with(
+                &e,
+                &x,
+                asymmetric,
+                rows,
+                &qw,
+                Some(&b),
+                Activation::None,
+                &mut y,
+            );
+            linear_with(&e, &x, rows, &qw, Some(&b), Activation::None, &mut y_sym);
+            let (mut err2, mut err2_sym) = (0f64, 0f64);
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                let hi = xr.iter().fold(0f32, |m, v| m.max(*v));
+                let lo = xr.iter().fold(0f32, |m, v| m.min(*v));
+                let sx = ((hi - lo) / 255.0) as f64;
+                let l1x: f64 = xr.iter().map(|v| v.abs() as f64).sum();
+                for c in 0..n {
+                    let wr = &w[c * k..(c + 1) * k];
+                    let products = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64);
+                    let exact = products.clone().sum::<f64>() + b[c] as f64;
+                    let abs_xw: f64 = products.map(f64::abs).sum();
+                    let l1w: f64 = what[c * k..(c + 1) * k]
+                        .iter()
+                        .map(|v| v.abs() as f64)
+                        .sum();
+                    let bound = 0.5 * (sw[c] as f64 * l1x + sx * l1w)
+                        + 1e-6 * (abs_xw + exact.abs())
+                        + 1e-7;
+                    let err = (y[r * n + c] as f64 - exact).abs();
+                    assert!(
+                        err <= bound,
+                        "path {path} {rows}x{k}->{n} r{r} c{c}: {err} > {bound}"
+                    );
+                    err2 += err * err;
+                    err2_sym += (y_sym[r * n + c] as f64 - exact).powi(2);
+                }
+            }
+            if rows * k >= 2000 {
+                assert!(
+                    err2 < err2_sym,
+                    "path {path} {rows}x{k}->{n}: asymmetric SSE {err2} >= symmetric {err2_sym}"
+                );
+            }
+            match &reference {
+                None => reference = Some(y),
+                Some(r) => assert!(
+                    r.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "path {path} differs, shape {rows}x{k}->{n}"
+                ),
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
 use qmodel_kernels::{
-    Activation, Exec, QuantizedWeight, gelu_inplace_with, linear_scaled_with, linear_with,
+    Activation, Exec, InputQuant, QuantizedWeight, gelu_inplace_with, linear_quant_with,
+    linear_with,
 };
 
 use crate::artifact::{Pooling, Precision};
@@ -378,6 +379,9 @@ pub enum Activations {
     /// multiplied by `1 / input_scale` before quantization, moving the input's outlier
     /// channels into the weights, which are quantized per output channel and absorb them.
     Smoothed(Vec<f32>),
+    /// One pass on a 256-level grid from the token's min to its max (with a zero point): for
+    /// one-sided inputs (GELU outputs, >= -0.17), twice the resolution of symmetric int8.
+    Asymmetric,
     /// Two passes: `x = a + r` with `a` on the per-token int8 grid, both halves through the
     /// int8 GEMM, so activations carry ~15 bits (twice the int8 work).
     TwoPass,
@@ -432,7 +436,18 @@ impl Int8Linear {
         match &self.activations {
             Activations::PerToken => linear_with(&exec, x, rows, &self.weight, bias, act, out),
             Activations::Smoothed(scale) => {
-                linear_scaled_with(&exec, x, Some(scale), rows, &self.weight, bias, act, out)
+                let input = InputQuant {
+                    scale: Some(scale),
+                    asymmetric: false,
+                };
+                linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out)
+            }
+            Activations::Asymmetric => {
+                let input = InputQuant {
+                    scale: None,
+                    asymmetric: true,
+                };
+                linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out)
             }
             Activations::TwoPass => {
                 let k = self.weight.in_features();
