@@ -381,3 +381,23 @@ fn normalizes(from: &Path) -> anyhow::Result<bool> {
         None => true,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smoothing_moves_an_outlier_channel_into_the_weights() {
+        // Channel 1 carries 50x the activation range of channel 0, same weight range.
+        let s = smoothing_factors(&[0.5, 25.0, 0.0, 3.0], &[0.2, 0.2, 0.3, 0.0]);
+        assert!(s[1] > 10.0 * s[0], "{s:?}");
+        // After smoothing the activation ranges are much closer: 50x -> 50^0.3 ~ 3.2x.
+        let ratio = (25.0 / s[1]) / (0.5 / s[0]);
+        assert!(
+            (ratio - 50f32.powf(1.0 - SMOOTHING_ALPHA)).abs() < 1e-3,
+            "{ratio}"
+        );
+        // A channel never active, or with all-zero weights, is left alone.
+        assert_eq!((s[2], s[3]), (1.0, 1.0));
+    }
+}
