@@ -223,11 +223,18 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
     // Watch the Deployment throughout the rollout, recording the lowest readyReplicas seen.
     let deployments = env.api::<Deployment>();
     let config = watcher::Config::default().fields("metadata.name=embed");
+    // v2 is applied only once the watch has its first state: on a busy machine the whole
+    // rollout could otherwise finish before the watch starts, and it would see one state.
+    let (started, watching) = tokio::sync::oneshot::channel();
     let watch = tokio::spawn(async move {
         let mut lowest = i32::MAX;
         let mut seen = 0;
+        let mut started = Some(started);
         let mut stream = watcher(deployments, config).applied_objects().boxed();
         while let Some(deployment) = stream.try_next().await.expect("watching the Deployment") {
+            if let Some(started) = started.take() {
+                let _ = started.send(());
+            }
             let status = deployment.status.unwrap_or_default();
             let ready = status.ready_replicas.unwrap_or(0);
             lowest = lowest.min(ready);
@@ -248,6 +255,10 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
         }
         (lowest, seen)
     });
+    tokio::time::timeout(SETTLE, watching)
+        .await
+        .expect("the watch started")
+        .expect("watch task");
     env.apply_model(&model("embed", "v2", "int8", json!({"replicas": 2})))
         .await
         .expect("apply v2");
