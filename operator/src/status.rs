@@ -11,6 +11,9 @@ use crate::resources::{DesiredState, SpecError};
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Whether the model's Service has a replica to send requests to right now, whatever version
+/// it runs: unlike `Ready`, it stays True through a rollout or a scale-up.
+pub const AVAILABLE: &str = "Available";
 
 const INVALID_SPEC: &str = "InvalidSpec";
 const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
@@ -132,7 +135,11 @@ pub fn status(
                     "the spec cannot be served".to_owned(),
                 ),
                 condition(DEGRADED, true, INVALID_SPEC, error.to_string()),
-            ],
+            ]
+            .into_iter()
+            // Nothing was applied, so whatever served before still serves.
+            .chain(find(&previous, AVAILABLE).cloned())
+            .collect(),
             ..previous
         },
         Observation::Applied {
@@ -182,12 +189,24 @@ pub fn status(
                 (_, Some((reason, message))) => condition(DEGRADED, true, &reason, message),
                 (_, None) => condition(DEGRADED, false, "AsExpected", String::new()),
             };
+            let available_replicas = deployment_status.available_replicas.unwrap_or_default();
+            let available = condition(
+                AVAILABLE,
+                available_replicas > 0,
+                if available_replicas > 0 {
+                    "ReplicasAvailable"
+                } else {
+                    "NoReplicasAvailable"
+                },
+                format!("{available_replicas} replicas available"),
+            );
             QuantizedModelStatus {
                 observed_generation: generation,
                 conditions: vec![
                     condition(READY, ready, ready_reason, ready_message),
                     progressing,
                     degraded,
+                    available,
                 ],
                 replicas: deployment_status.replicas.unwrap_or_default(),
                 ready_replicas: deployment_status.ready_replicas.unwrap_or_default(),
@@ -440,6 +459,11 @@ mod tests {
         qm.status = Some(before.clone());
         let rolling = observe(&qm, deployment_status(2, 3, 1, 2), &at(10));
         assert_eq!(condition(&rolling, PROGRESSING), ("True", ROLLING_OUT));
+        assert_eq!(condition(&rolling, READY), ("False", ROLLING_OUT));
+        assert_eq!(
+            condition(&rolling, AVAILABLE),
+            ("True", "ReplicasAvailable")
+        );
         assert_eq!(rolling.current_version.as_deref(), Some("1.0.0"));
         assert_eq!(rolling.desired_version.as_deref(), Some("2.0.0"));
         assert_eq!(
@@ -524,6 +548,10 @@ mod tests {
             &at(10),
         );
         assert_eq!(condition(&status, READY), ("False", "ScaledToZero"));
+        assert_eq!(
+            condition(&status, AVAILABLE),
+            ("False", "NoReplicasAvailable")
+        );
         assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
     }
 
@@ -559,6 +587,11 @@ mod tests {
         );
         assert_eq!(status.current_version, serving.current_version);
         assert_eq!(status.endpoint, serving.endpoint);
+        assert_eq!(
+            find(&status, AVAILABLE),
+            find(&serving, AVAILABLE),
+            "the old Deployment still serves"
+        );
         assert_eq!(reasons(&events(Some(&serving), &status)), ["InvalidSpec"]);
     }
 }

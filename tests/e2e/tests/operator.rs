@@ -262,8 +262,41 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
     env.apply_model(&model("embed", "v2", "int8", json!({"replicas": 2})))
         .await
         .expect("apply v2");
+    // Meanwhile the model says Ready=False (the change has not landed) but Available=True
+    // (its endpoint keeps serving): sample its conditions until the rollout is done.
+    let models = env.models();
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        loop {
+            let qm = models.get("embed").await.expect("get the model");
+            let ready = condition(&qm, "Ready")["status"] == "True";
+            samples.push((
+                ready,
+                condition(&qm, "Available")["status"].clone(),
+                qm.data["status"]["desiredVersion"].clone(),
+            ));
+            if ready && qm.data["status"]["currentVersion"] == "v2" {
+                return samples;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
     let ready = env.wait_ready("embed", "v2", SETTLE).await;
     assert_eq!(ready.data["status"]["desiredVersion"], "v2");
+    let samples = tokio::time::timeout(Duration::from_secs(10), sampler)
+        .await
+        .expect("the sampler saw the finished rollout")
+        .expect("sampler task");
+    assert!(
+        samples.iter().all(|(_, available, _)| available == "True"),
+        "Available went False during the rollout: {samples:?}"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|(ready, _, version)| !ready && version == "v2"),
+        "no sample caught the rollout in progress (Ready=False at v2): {samples:?}"
+    );
     let (lowest, seen) = tokio::time::timeout(Duration::from_secs(10), watch)
         .await
         .expect("the watch saw the finished rollout")
