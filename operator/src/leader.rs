@@ -1,10 +1,14 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so several replicas can run and exactly
 //! one reconciles.
 
-use kube::Client;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::warn;
 
 /// Seconds a leader's Lease stays valid without renewal; a standby takes over after this.
 const LEASE_DURATION_SECONDS: u64 = 15;
@@ -44,6 +48,48 @@ pub async fn acquired(leadership: &mut watch::Receiver<bool>) -> bool {
 pub async fn lost(mut leadership: watch::Receiver<bool>) {
     // An error means the election task ended, which also ends leadership.
     let _ = leadership.wait_for(|leading| !*leading).await;
+}
+
+/// Resolves once the Lease, after being seen held by someone, is seen with no holder: a leader
+/// that shut down released it. kube-lease-manager's standby sleeps until the Lease's expiry
+/// before looking again, so without this a clean handover waited the whole Lease duration.
+/// Never resolves if the Lease cannot be watched (the standby then takes over at expiry).
+pub async fn released(client: Client, namespace: &str, lease_name: &str) {
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={lease_name}"));
+    let mut holders = watcher(leases, config)
+        .default_backoff()
+        .applied_objects()
+        .map_ok(|lease| lease.spec.and_then(|s| s.holder_identity))
+        .boxed();
+    let mut release = Release::default();
+    while let Some(holder) = holders.next().await {
+        match holder {
+            Ok(holder) => {
+                if release.observe(holder.as_deref()) {
+                    return;
+                }
+            }
+            Err(error) => warn!(%error, "watching the leader Lease"),
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Tells a release (held, then not held) from a Lease that was simply never taken.
+#[derive(Default)]
+struct Release {
+    seen_held: bool,
+}
+
+impl Release {
+    /// `true` when `holder` is the first empty one after a held one.
+    fn observe(&mut self, holder: Option<&str>) -> bool {
+        let held = holder.is_some_and(|h| !h.is_empty());
+        let released = self.seen_held && !held;
+        self.seen_held |= held;
+        released
+    }
 }
 
 #[cfg(test)]
@@ -86,5 +132,19 @@ mod tests {
         let (sender, receiver) = watch::channel(true);
         drop(sender);
         timeout(SHORT, super::lost(receiver)).await.unwrap();
+    }
+
+    #[test]
+    fn a_release_is_a_holder_going_away_not_a_lease_never_taken() {
+        let mut release = Release::default();
+        assert!(!release.observe(None), "never held");
+        assert!(!release.observe(Some("")), "never held");
+        assert!(!release.observe(Some("op-a")));
+        assert!(!release.observe(Some("op-a")), "renewed");
+        assert!(release.observe(None), "released");
+
+        let mut release = Release::default();
+        assert!(!release.observe(Some("op-a")));
+        assert!(release.observe(Some("")), "released (empty holder)");
     }
 }

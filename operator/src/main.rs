@@ -150,16 +150,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lease_namespace = args
         .lease_namespace
         .unwrap_or_else(|| client.default_namespace().to_owned());
-    let mut election = leader::start(client, &lease_namespace, &args.lease_name, &identity)
-        .await
-        .context("starting leader election")?;
+    let elect = || {
+        leader::start(
+            client.clone(),
+            &lease_namespace,
+            &args.lease_name,
+            &identity,
+        )
+    };
+    let mut election = elect().await.context("starting leader election")?;
     metrics.ready.store(true, Ordering::Relaxed);
     info!(%identity, lease = %args.lease_name, namespace = %lease_namespace, "waiting for leadership");
-    tokio::select! {
-        acquired = leader::acquired(&mut election.leadership) => {
-            anyhow::ensure!(acquired, "leader election ended before this replica became leader");
+    loop {
+        tokio::select! {
+            acquired = leader::acquired(&mut election.leadership) => {
+                anyhow::ensure!(acquired, "leader election ended before this replica became leader");
+                break;
+            }
+            () = leader::released(client.clone(), &lease_namespace, &args.lease_name) => {
+                // The leader let go: a fresh election takes the free Lease now, where the
+                // current one would sleep until the old holder's expiry.
+                info!("the Lease was released; competing for it now");
+                drop(election.leadership);
+                let _ = election.task.await;
+                election = elect().await.context("restarting leader election")?;
+            }
+            () = termination() => return Ok(()),
         }
-        () = termination() => return Ok(()),
     }
     metrics.leader.set(1);
     info!(%identity, "became leader; reconciling");
