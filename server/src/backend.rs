@@ -117,23 +117,43 @@ impl BertBackend {
     /// Runs the encoder on the batch packed without padding (see [`bert::Batch`]); returns
     /// the last hidden state of every token and the inputs' lengths.
     fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>)> {
+        let packed = PackedBatch::new(batch)?;
+        let hidden = self.model.forward(&packed.as_batch())?;
+        Ok((hidden, packed.lens))
+    }
+}
+
+/// Encodings back to back without padding: the buffers a [`bert::Batch`] borrows.
+pub struct PackedBatch {
+    ids: Vec<u32>,
+    type_ids: Vec<u32>,
+    lens: Vec<usize>,
+}
+
+impl PackedBatch {
+    pub fn new(batch: &[Encoding]) -> anyhow::Result<Self> {
         let lens: Vec<usize> = batch.iter().map(Encoding::len).collect();
         ensure!(!lens.contains(&0), "an input has no tokens");
         ensure!(
             batch.iter().all(|e| e.type_ids.len() == e.ids.len()),
             "an input has a different number of ids and type ids"
         );
-        let ids: Vec<u32> = batch.iter().flat_map(|e| e.ids.iter().copied()).collect();
-        let type_ids: Vec<u32> = batch
-            .iter()
-            .flat_map(|e| e.type_ids.iter().copied())
-            .collect();
-        let hidden = self.model.forward(&bert::Batch {
-            ids: &ids,
-            type_ids: &type_ids,
-            lens: &lens,
-        })?;
-        Ok((hidden, lens))
+        Ok(Self {
+            ids: batch.iter().flat_map(|e| e.ids.iter().copied()).collect(),
+            type_ids: batch
+                .iter()
+                .flat_map(|e| e.type_ids.iter().copied())
+                .collect(),
+            lens,
+        })
+    }
+
+    pub fn as_batch(&self) -> bert::Batch<'_> {
+        bert::Batch {
+            ids: &self.ids,
+            type_ids: &self.type_ids,
+            lens: &self.lens,
+        }
     }
 }
 

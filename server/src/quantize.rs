@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::artifact::{
     self, MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
 };
+use crate::backend::PackedBatch;
 use crate::models::{INPUT_SCALE, Weights, bert, quantize_tensor, storage_dtype};
 use crate::tokenize::Tokenizer;
 
@@ -158,18 +159,7 @@ fn observe_activations(
     .map_err(|e| anyhow::anyhow!("tokenizing the calibration texts: {e}"))?;
     let mut max = vec![vec![0f32; config.hidden_size]; bert::smoothed_linears(config).len()];
     for batch in encodings.chunks(8) {
-        let ids: Vec<u32> = batch.iter().flat_map(|e| e.ids.iter().copied()).collect();
-        let type_ids: Vec<u32> = batch
-            .iter()
-            .flat_map(|e| e.type_ids.iter().copied())
-            .collect();
-        let lens: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
-        let batch = bert::Batch {
-            ids: &ids,
-            type_ids: &type_ids,
-            lens: &lens,
-        };
-        model.observe_activations(&batch, &mut max)?;
+        model.observe_activations(&PackedBatch::new(batch)?.as_batch(), &mut max)?;
     }
     Ok(max)
 }

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
 use qmodel_kernels::{
     Activation, Exec, InputQuant, QuantizedWeight, gelu_inplace_with, linear_quant_with,
-    linear_with,
+    linear_with, quantize_rows_i8,
 };
 
 use crate::artifact::{Pooling, Precision};
@@ -450,17 +450,16 @@ impl Int8Linear {
                 linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out)
             }
             Activations::TwoPass => {
+                // The second pass multiplies what the kernels' per-token quantization of `x`
+                // leaves out: `x - scale * q`.
                 let k = self.weight.in_features();
-                let mut rest = vec![0f32; x.len()];
-                #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: AVX2 is present (checked above).
-                    unsafe { residual_avx2(x, k, &mut rest) };
-                } else {
-                    residual(x, k, &mut rest);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                residual(x, k, &mut rest);
+                let (q, scales) = quantize_rows_i8(x, rows, k);
+                let rest: Vec<f32> = x
+                    .iter()
+                    .zip(&q)
+                    .enumerate()
+                    .map(|(i, (v, q))| v - f32::from(*q) * scales[i / k])
+                    .collect();
                 let mut low = vec![0f32; out.len()];
                 let none = Activation::None;
                 linear_with(&exec, &rest, rows, &self.weight, None, none, &mut low);
@@ -472,32 +471,6 @@ impl Int8Linear {
             }
         }
     }
-}
-
-/// `rest = x - scale * q` per row of `k`, where `q`, `scale` are the kernels' per-row
-/// quantization of `x` (scale max|x| / 127, round half to even): the second pass of a two-pass
-/// [`Int8Linear`]. Plain IEEE operations, so every instruction set gives the same bits.
-#[inline(always)]
-fn residual(x: &[f32], k: usize, rest: &mut [f32]) {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to even
-    for (r, x) in rest.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if amax == 0.0 || !amax.is_finite() {
-            continue;
-        }
-        let (inv, scale) = (127.0 / amax, amax / 127.0);
-        for (r, &v) in r.iter_mut().zip(x) {
-            let q = ((v * inv + ROUND) - ROUND).clamp(-127.0, 127.0);
-            *r = v - q * scale;
-        }
-    }
-}
-
-/// [`residual`] compiled for AVX2 (the compiler vectorizes it 8 wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn residual_avx2(x: &[f32], k: usize, rest: &mut [f32]) {
-    residual(x, k, rest)
 }
 
 /// Rows of a `[rows, dim]` table in a mapped GGUF file, stored F32, F16 or Q8_0.
