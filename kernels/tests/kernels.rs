@@ -59,6 +59,38 @@ fn exec(path: Path, pool: &ThreadPool) -> Exec<'_> {
     Exec { path, pool }
 }
 
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
+/// Keeps the first path's output in `reference` and asserts every later one equals it bit
+/// for bit.
+fn assert_same_bits(reference: &mut Option<Vec<f32>>, y: Vec<f32>, what: &str) {
+    match reference {
+        None => *reference = Some(y),
+        Some(r) => assert!(same_bits(r, &y), "{what} differs from the first path"),
+    }
+}
+
+/// The exact `x_row . w_row + bias` and the bound on a quantized result's error:
+/// `0.5 * (sw * sum|x| + sx * sum|w_hat|)` plus f32 slack.
+fn exact_and_bound(
+    x_row: &[f32],
+    w_row: &[f32],
+    w_hat_row: &[f32],
+    bias: f32,
+    sw: f32,
+    sx: f64,
+) -> (f64, f64) {
+    let products = x_row.iter().zip(w_row).map(|(a, b)| *a as f64 * *b as f64);
+    let exact = products.clone().sum::<f64>() + bias as f64;
+    let abs_xw: f64 = products.map(f64::abs).sum();
+    let l1x: f64 = x_row.iter().map(|v| v.abs() as f64).sum();
+    let l1w: f64 = w_hat_row.iter().map(|v| v.abs() as f64).sum();
+    let bound = 0.5 * (sw as f64 * l1x + sx * l1w) + 1e-6 * (abs_xw + exact.abs()) + 1e-7;
+    (exact, bound)
+}
+
 #[test]
 fn i32_accumulation_exact_and_identical_across_paths() {
     let mut rng = Rng(1);
@@ -117,13 +149,8 @@ fn linear_bitwise_identical_across_paths() {
             for path in paths() {
                 let mut y = vec![0f32; rows * n];
                 linear_with(&exec(path, &pool), &x, rows, &qw, Some(&b), act, &mut y);
-                match &reference {
-                    None => reference = Some(y),
-                    Some(r) => assert!(
-                        r.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "path {path} differs, shape {rows}x{k}->{n} {act:?}"
-                    ),
-                }
+                let what = format!("path {path}, shape {rows}x{k}->{n} {act:?}");
+                assert_same_bits(&mut reference, y, &what);
             }
         }
     }
@@ -167,10 +194,7 @@ fn input_scale_equals_prescaled_input() {
                 &mut plain,
             );
             assert!(
-                fused
-                    .iter()
-                    .zip(&plain)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&fused, &plain),
                 "path {path}, asymmetric {asymmetric}, shape {rows}x{k}->{n}"
             );
         }
@@ -221,19 +245,9 @@ fn asymmetric_rows_identical_across_paths_and_within_bound() {
                 let hi = xr.iter().fold(0f32, |m, v| m.max(*v));
                 let lo = xr.iter().fold(0f32, |m, v| m.min(*v));
                 let sx = ((hi - lo) / 255.0) as f64;
-                let l1x: f64 = xr.iter().map(|v| v.abs() as f64).sum();
                 for c in 0..n {
-                    let wr = &w[c * k..(c + 1) * k];
-                    let products = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64);
-                    let exact = products.clone().sum::<f64>() + b[c] as f64;
-                    let abs_xw: f64 = products.map(f64::abs).sum();
-                    let l1w: f64 = what[c * k..(c + 1) * k]
-                        .iter()
-                        .map(|v| v.abs() as f64)
-                        .sum();
-                    let bound = 0.5 * (sw[c] as f64 * l1x + sx * l1w)
-                        + 1e-6 * (abs_xw + exact.abs())
-                        + 1e-7;
+                    let (wr, w_hat) = (&w[c * k..(c + 1) * k], &what[c * k..(c + 1) * k]);
+                    let (exact, bound) = exact_and_bound(xr, wr, w_hat, b[c], sw[c], sx);
                     let err = (y[r * n + c] as f64 - exact).abs();
                     assert!(
                         err <= bound,
@@ -249,13 +263,11 @@ fn asymmetric_rows_identical_across_paths_and_within_bound() {
                     "path {path} {rows}x{k}->{n}: asymmetric SSE {err2} >= symmetric {err2_sym}"
                 );
             }
-            match &reference {
-                None => reference = Some(y),
-                Some(r) => assert!(
-                    r.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "path {path} differs, shape {rows}x{k}->{n}"
-                ),
-            }
+            assert_same_bits(
+                &mut reference,
+                y,
+                &format!("path {path}, shape {rows}x{k}->{n}"),
+            );
         }
     }
 }
@@ -285,27 +297,9 @@ fn linear_within_quantization_bound() {
             let (mut err2, mut ref2, mut worst) = (0f64, 0f64, 0f64);
             for r in 0..rows {
                 let xr = &x[r * k..(r + 1) * k];
-                let l1x: f64 = xr.iter().map(|v| v.abs() as f64).sum();
                 for c in 0..n {
-                    let wr = &w[c * k..(c + 1) * k];
-                    let exact: f64 = xr
-                        .iter()
-                        .zip(wr)
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum::<f64>()
-                        + b[c] as f64;
-                    let abs_xw: f64 = xr
-                        .iter()
-                        .zip(wr)
-                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                        .sum();
-                    let l1w: f64 = what[c * k..(c + 1) * k]
-                        .iter()
-                        .map(|v| v.abs() as f64)
-                        .sum();
-                    let bound = 0.5 * (sw[c] as f64 * l1x + sx[r] as f64 * l1w)
-                        + 1e-6 * (abs_xw + exact.abs())
-                        + 1e-7;
+                    let (wr, w_hat) = (&w[c * k..(c + 1) * k], &what[c * k..(c + 1) * k]);
+                    let (exact, bound) = exact_and_bound(xr, wr, w_hat, b[c], sw[c], sx[r] as f64);
                     let e = (y[r * n + c] as f64 - exact).abs();
                     assert!(
                         e <= bound,
@@ -339,10 +333,7 @@ fn gelu_epilogue_matches_separate_gelu() {
         gelu_inplace_with(path, &mut y0);
         let mut y1 = vec![0f32; rows * n];
         linear_with(&e, &x, rows, &qw, Some(&b), Activation::Gelu, &mut y1);
-        assert!(
-            y0.iter().zip(&y1).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "path {path}"
-        );
+        assert!(same_bits(&y0, &y1), "path {path}");
     }
 }
 
@@ -370,9 +361,7 @@ fn batch_invariance() {
                     &mut one,
                 );
                 assert!(
-                    one.iter()
-                        .zip(&full[r * n..(r + 1) * n])
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(&one, &full[r * n..(r + 1) * n]),
                     "path {path} row {r} differs alone vs in batch"
                 );
             }
@@ -387,11 +376,7 @@ fn batch_invariance() {
                 Activation::Gelu,
                 &mut part,
             );
-            assert!(
-                part.iter()
-                    .zip(&full[10 * n..20 * n])
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-            );
+            assert!(same_bits(&part, &full[10 * n..20 * n]));
         }
     }
 }
@@ -425,10 +410,7 @@ fn thread_count_invariance() {
             });
             let y1 = ys.next().unwrap();
             for y in ys {
-                assert!(
-                    y1.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "path {path} {rows}x{k}->{n}"
-                );
+                assert!(same_bits(&y1, &y), "path {path} {rows}x{k}->{n}");
             }
         }
     }
