@@ -75,15 +75,23 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         std::fs::remove_file(&manifest_path)
             .with_context(|| format!("{}: cannot remove", manifest_path.display()))?;
     }
+    let checkpoint = Checkpoint::load(from)?;
     let weights = args.out.join(WEIGHTS_FILE);
-    write_gguf(from, &weights, &config, task, args.precision, None)?;
+    write_gguf(&checkpoint, &weights, &config, task, args.precision, None)?;
     let tokenizer = args.out.join(TOKENIZER_FILE);
     std::fs::copy(from.join(TOKENIZER_FILE), &tokenizer)
         .with_context(|| format!("{}: cannot copy", from.join(TOKENIZER_FILE).display()))?;
     if args.precision == Precision::Int8 {
         let max = observe_activations(&weights, &tokenizer, &config, task, max_input_tokens)
             .context("calibrating the int8 smoothing")?;
-        write_gguf(from, &weights, &config, task, args.precision, Some(&max))?;
+        write_gguf(
+            &checkpoint,
+            &weights,
+            &config,
+            task,
+            args.precision,
+            Some(&max),
+        )?;
     }
 
     let files = [WEIGHTS_FILE, TOKENIZER_FILE]
@@ -180,29 +188,52 @@ fn smoothing_factors(activation_max: &[f32], weight_max: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// The tensors of a checkpoint's `model.safetensors`, read once, under the names this
+/// artifact uses.
+struct Checkpoint {
+    source: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    fn load(from: &Path) -> anyhow::Result<Self> {
+        let source = from.join("model.safetensors");
+        let loaded = candle_core::safetensors::load(&source, &Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+        // Sentence-transformers checkpoints name the encoder bare; classification checkpoints
+        // put it under `bert.` (their `classifier` has no prefix), which wins if both exist.
+        let (prefixed, bare): (Vec<_>, Vec<_>) = loaded
+            .into_iter()
+            .partition(|(name, _)| name.starts_with("bert."));
+        let mut tensors: HashMap<String, Tensor> = bare.into_iter().collect();
+        for (name, tensor) in prefixed {
+            tensors.insert(name["bert.".len()..].to_owned(), tensor);
+        }
+        Ok(Self { source, tensors })
+    }
+
+    /// Tensor `name` as F32.
+    fn f32(&self, name: &str) -> anyhow::Result<Tensor> {
+        let tensor = self
+            .tensors
+            .get(name)
+            .with_context(|| format!("{}: no tensor {name}", self.source.display()))?;
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+}
+
 /// Writes `model.gguf`. With `activation_max` (int8 only), the inputs of
 /// [`bert::smoothed_linears`] are smoothed: their weights stored times `s` per column, and
 /// `1/s` stored as each one's `input_scale`.
 fn write_gguf(
-    from: &Path,
+    checkpoint: &Checkpoint,
     out: &Path,
     config: &bert::Config,
     task: Task,
     precision: Precision,
     activation_max: Option<&[Vec<f32>]>,
 ) -> anyhow::Result<()> {
-    let source = from.join("model.safetensors");
-    let mut tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&source, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
-    // Sentence-transformers checkpoints name the encoder bare; classification checkpoints put
-    // it under `bert.` (their `classifier` has no prefix).
-    for name in tensors.keys().cloned().collect::<Vec<_>>() {
-        if let Some(bare) = name.strip_prefix("bert.") {
-            let tensor = tensors.remove(&name).expect("listed above");
-            tensors.insert(bare.to_string(), tensor);
-        }
-    }
+    let source = checkpoint.source.display();
     // Linear layer prefix -> its smoothing factors.
     let mut smoothing: HashMap<String, Vec<f32>> = HashMap::new();
     for (group, x_max) in bert::smoothed_linears(config)
@@ -212,13 +243,7 @@ fn write_gguf(
         let mut w_max = vec![0f32; x_max.len()];
         for prefix in &group {
             let name = format!("{prefix}.weight");
-            let w = tensors
-                .get(&name)
-                .with_context(|| format!("{}: no tensor {name}", source.display()))?
-                .to_dtype(DType::F32)?
-                .abs()?
-                .max(0)?
-                .to_vec1::<f32>()?;
+            let w = checkpoint.f32(&name)?.abs()?.max(0)?.to_vec1::<f32>()?;
             ensure!(
                 w.len() == w_max.len(),
                 "{name}: {} columns, expected {}",
@@ -236,14 +261,10 @@ fn write_gguf(
         .into_iter()
         .map(|spec| {
             let name = spec.name;
-            let mut tensor = tensors
-                .remove(&name)
-                .with_context(|| format!("{}: no tensor {name}", source.display()))?
-                .to_dtype(DType::F32)?;
+            let mut tensor = checkpoint.f32(&name)?;
             if tensor.dims() != spec.shape {
                 bail!(
-                    "{}: tensor {name} has shape {:?}, config.json implies {:?}",
-                    source.display(),
+                    "{source}: tensor {name} has shape {:?}, config.json implies {:?}",
                     tensor.dims(),
                     spec.shape
                 );
@@ -252,8 +273,7 @@ fn write_gguf(
             let width = spec.shape.last().copied().unwrap_or(0);
             if !width.is_multiple_of(dtype.block_size()) {
                 bail!(
-                    "{}: tensor {name} is {width} wide, not a whole number of {dtype:?} blocks",
-                    source.display()
+                    "{source}: tensor {name} is {width} wide, not a whole number of {dtype:?} blocks"
                 );
             }
             if let Some(s) = name.strip_suffix(".weight").and_then(|p| smoothing.get(p)) {
