@@ -433,22 +433,16 @@ impl Int8Linear {
     pub fn forward(&self, x: &[f32], rows: usize, act: Activation, out: &mut [f32]) {
         let exec = Exec::global();
         let bias = Some(&self.bias[..]);
-        match &self.activations {
-            Activations::PerToken => linear_with(&exec, x, rows, &self.weight, bias, act, out),
-            Activations::Smoothed(scale) => {
-                let input = InputQuant {
-                    scale: Some(scale),
-                    asymmetric: false,
-                };
-                linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out)
-            }
-            Activations::Asymmetric => {
-                let input = InputQuant {
-                    scale: None,
-                    asymmetric: true,
-                };
-                linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out)
-            }
+        let input = match &self.activations {
+            Activations::PerToken => InputQuant::default(),
+            Activations::Smoothed(scale) => InputQuant {
+                scale: Some(scale),
+                asymmetric: false,
+            },
+            Activations::Asymmetric => InputQuant {
+                scale: None,
+                asymmetric: true,
+            },
             Activations::TwoPass => {
                 // The second pass multiplies what the kernels' per-token quantization of `x`
                 // leaves out: `x - scale * q`.
@@ -468,8 +462,10 @@ impl Int8Linear {
                 if act == Activation::Gelu {
                     gelu_inplace_with(exec.path, out);
                 }
+                return;
             }
-        }
+        };
+        linear_quant_with(&exec, x, input, rows, &self.weight, bias, act, out);
     }
 }
 
