@@ -1,0 +1,103 @@
+"""tests/run's own failure path: a step that fails stops the run at that step, with its name.
+
+Each case copies tests/run into a scratch tree where every command it runs (models/fetch, cargo,
+the cluster scripts, .venv/bin/python, ...) is a small recording script, and one of them exits 3.
+The run must exit non-zero, name that step, and run nothing after it. A passing case runs every
+step, so the recorded order also pins what tests/run does.
+"""
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# What tests/run invokes, relative to the repository root ("cargo" is found on PATH).
+COMMANDS = [
+    "models/fetch",
+    "tests/python-env",
+    ".venv/bin/python",
+    "tests/cluster/build",
+    "tests/cluster/up",
+    "tests/cluster/down",
+    "tests/image/run",
+    "bin/cargo",
+]
+
+RECORDER = """#!/usr/bin/env bash
+name={name}
+echo "$name $*" >>"$CALLS"
+if [[ "$name $*" == "$FAIL_CALL"* ]]; then echo "$name: failing on purpose" >&2; exit 3; fi
+if [[ $name == tests/cluster/up ]]; then echo "export KUBECONFIG=$PWD/kubeconfig"; fi
+exit 0
+"""
+
+
+def scratch_tree(tmp_path: Path) -> Path:
+    tree = tmp_path / "repo"
+    (tree / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "run", tree / "tests" / "run")
+    for command in COMMANDS:
+        path = tree / command
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(RECORDER.format(name=command.removeprefix("bin/")))
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return tree
+
+
+def run_tests_run(tmp_path: Path, fail_call: str):
+    tree = scratch_tree(tmp_path)
+    calls = tmp_path / "calls"
+    env = {
+        "PATH": f"{tree / 'bin'}:{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "FAIL_CALL": fail_call,
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        ["bash", str(tree / "tests" / "run")],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    recorded = calls.read_text().splitlines() if calls.exists() else []
+    return result, recorded
+
+
+def test_every_step_runs_when_nothing_fails(tmp_path):
+    result, calls = run_tests_run(tmp_path, fail_call="(nothing)")
+    assert result.returncode == 0, result.stderr
+    order = [c.split()[0] + (" " + c.split()[1] if c.startswith("cargo") else "") for c in calls]
+    assert order.index("tests/cluster/build") < order.index("tests/cluster/up")
+    assert order.index("cargo build") < order.index("tests/cluster/up") < order.index("cargo test")
+    assert order[-2:] == ["tests/image/run", "tests/cluster/down"], order
+
+
+@pytest.mark.parametrize(
+    ("fail_call", "step"),
+    [
+        ("models/fetch", "Model checkpoint"),
+        ("cargo clippy", "Format and lint"),
+        ("cargo build", "Build (release, all targets)"),
+        ("tests/cluster/build", "Control plane binaries"),
+        ("tests/cluster/up", "Control plane for the end-to-end tests"),
+        ("cargo test", "Rust tests"),
+        ("tests/image/run", "Baked image"),
+    ],
+)
+def test_a_failing_step_stops_the_run_there(tmp_path, fail_call, step):
+    result, calls = run_tests_run(tmp_path, fail_call)
+    assert result.returncode != 0, f"tests/run passed although {fail_call} failed:\n{result.stderr}"
+    assert f"FAIL at step '{step}" in result.stderr, result.stderr
+    failed_at = next(i for i, c in enumerate(calls) if c.startswith(fail_call))
+    after = [c for c in calls[failed_at + 1 :] if not c.startswith("tests/cluster/down")]
+    assert after == [], f"tests/run went on after {fail_call} failed: {after}"
+    # Once tests/cluster/up was called, the exit trap tears the cluster down whatever failed.
+    if any(c.startswith("tests/cluster/up") for c in calls):
+        assert calls[-1].startswith("tests/cluster/down"), calls
