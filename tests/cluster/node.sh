@@ -83,6 +83,10 @@ node_network_up() {
 	innode ip link set lo up
 	innode ip addr add "$NODE_IP/30" dev "$NODE_VETH"
 	innode ip link set "$NODE_VETH" up
+	# Services from the node's own processes (hostNetwork pods, CoreDNS's checks): a route for
+	# the ClusterIPs so kube-proxy's OUTPUT rules see them. It points at the host, which does
+	# not forward: a ClusterIP with no Service goes nowhere.
+	innode ip route add "$NODE_SERVICE_CIDR" via "$NODE_HOST_IP" dev "$NODE_VETH"
 	# Forwarding between pods, the node and the veth: inside the node's namespace only. No default
 	# route there: anything not on this machine is unreachable.
 	innode sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.route_localnet=0
