@@ -366,7 +366,7 @@ node_stop() {
 # Mounts under the node's dirs (pod volumes, container root filesystems, sandbox netns and shm),
 # deepest first. A mount left would make rm -rf reach into what it mounts.
 node_unmount() {
-	local m
+	local m mounts
 	for _ in 1 2 3; do
 		mapfile -t mounts < <(awk -v d="$node_dir/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -ru)
 		((${#mounts[@]} == 0)) && return 0
@@ -396,6 +396,7 @@ node_cgroups_remove() {
 # node's iptables rules and forwarding), kernel values, global paths. Only for our own record.
 node_cleanup_global() {
 	[[ -d $NODE_RECORD ]] || return 0
+	local pids
 	if [[ -e /run/netns/$NODE_NETNS ]]; then
 		# Kill whatever is still in it first, or the namespace outlives its name.
 		for _ in $(seq 50); do
@@ -425,10 +426,17 @@ node_cleanup_global() {
 	rm -rf "$NODE_RECORD"
 }
 
-node_down() {
-	[[ -f $NODE_RECORD/owner && $(cat "$NODE_RECORD/owner") == "$state" ]] || return 0
+node_owned() { [[ -f $NODE_RECORD/owner && $(cat "$NODE_RECORD/owner") == "$state" ]]; }
+# down, before the control plane stops: the node's processes, containers, mounts, cgroups.
+node_down_processes() {
+	node_owned || return 0
 	node_stop
 	node_unmount || return 1
 	node_cgroups_remove
+}
+# down, after the control plane stopped (the apiserver listens on the veth: with its address gone
+# its shutdown hangs on its own loopback client): the netns and everything global.
+node_down_global() {
+	node_owned || return 0
 	node_cleanup_global
 }
