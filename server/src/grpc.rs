@@ -119,7 +119,7 @@ impl Grpc {
         Req: Send + 'static,
         Resp: Send + 'static,
         F: Fn(Grpc, Req) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Resp, Status>> + Send,
+        Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
     {
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -309,7 +309,7 @@ impl Grpc {
 impl Info for Grpc {
     async fn info(
         &self,
-        _: Request<pb::InfoRequest>,
+        _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let s = &self.service;
         let m = s.manifest();
@@ -371,7 +371,7 @@ impl Embed for Grpc {
 
     async fn embed_sparse(
         &self,
-        _: Request<pb::EmbedSparseRequest>,
+        _request: Request<pb::EmbedSparseRequest>,
     ) -> Result<Response<pb::EmbedSparseResponse>, Status> {
         self.observed("/tei.v1.Embed/EmbedSparse", async { Err(no_sparse()) })
             .await

@@ -223,7 +223,7 @@ impl Service {
         };
         let metrics = Arc::new(Metrics::new());
         let queue = Queue::start(
-            Box::new(move |work, batch: &[Encoding]| match work {
+            Box::new(move |work: Work, batch: &[Encoding]| match work {
                 Work::Pooled => backend.embed(batch),
                 Work::Tokens => backend.embed_tokens(batch),
                 Work::Logits => backend.classify(batch),
