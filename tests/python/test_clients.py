@@ -110,7 +110,7 @@ def test_openai_client_errors(embedder):
     ]:
         with pytest.raises(openai.UnprocessableEntityError) as e:
             client.embeddings.create(model="x", **bad)
-        assert e.value.body["error_type"] == "validation", bad
+        assert e.value.response.json()["error_type"] == "validation", bad
     models = client.models.list()
     assert [m.id for m in models.data] == ["all-MiniLM-L6-v2"]
 
