@@ -185,7 +185,15 @@ mod tests {
         );
         assert!(parse_seconds("-1").is_err() && parse_seconds("soon").is_err());
         assert_eq!(cli.serve.grpc_port, None);
-        let both = ["serve", "--model", "m", "--default-prompt-name", "query", "--default-prompt", "q: "];
+        let both = [
+            "serve",
+            "--model",
+            "m",
+            "--default-prompt-name",
+            "query",
+            "--default-prompt",
+            "q: ",
+        ];
         assert!(Cli::try_parse_from(both).is_err());
     }
 }

@@ -162,7 +162,10 @@ impl Grpc {
         })
     }
 
-    async fn embed_all_one(&self, req: pb::EmbedAllRequest) -> Result<pb::EmbedAllResponse, Status> {
+    async fn embed_all_one(
+        &self,
+        req: pb::EmbedAllRequest,
+    ) -> Result<pb::EmbedAllResponse, Status> {
         let started = Instant::now();
         let options = EncodeOptions {
             truncate: truncate(req.truncate),
@@ -252,8 +255,13 @@ impl Grpc {
 
     async fn predict_text(&self, req: pb::PredictRequest) -> Result<pb::PredictResponse, Status> {
         let input = PredictInput::Single(req.inputs);
-        self.predict_one(input, req.truncate, req.raw_scores, req.truncation_direction)
-            .await
+        self.predict_one(
+            input,
+            req.truncate,
+            req.raw_scores,
+            req.truncation_direction,
+        )
+        .await
     }
 
     async fn predict_text_pair(
@@ -261,11 +269,18 @@ impl Grpc {
         req: pb::PredictPairRequest,
     ) -> Result<pb::PredictResponse, Status> {
         let Ok([a, b]) = <[String; 2]>::try_from(req.inputs) else {
-            return Err(Status::invalid_argument("`inputs` must hold exactly two texts"));
+            return Err(Status::invalid_argument(
+                "`inputs` must hold exactly two texts",
+            ));
         };
         let input = PredictInput::Pair(a, b);
-        self.predict_one(input, req.truncate, req.raw_scores, req.truncation_direction)
-            .await
+        self.predict_one(
+            input,
+            req.truncate,
+            req.raw_scores,
+            req.truncation_direction,
+        )
+        .await
     }
 
     async fn tokenize_one(&self, req: pb::EncodeRequest) -> Result<pb::EncodeResponse, Status> {
@@ -364,9 +379,11 @@ impl Embed for Grpc {
         &self,
         request: Request<Streaming<pb::EmbedRequest>>,
     ) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        Ok(self.each("/tei.v1.Embed/EmbedStream", request, |g, req| async move {
-            g.embed_one(req).await
-        }))
+        Ok(
+            self.each("/tei.v1.Embed/EmbedStream", request, |g, req| async move {
+                g.embed_one(req).await
+            }),
+        )
     }
 
     async fn embed_sparse(
@@ -383,11 +400,11 @@ impl Embed for Grpc {
         &self,
         request: Request<Streaming<pb::EmbedSparseRequest>>,
     ) -> Result<Response<Self::EmbedSparseStreamStream>, Status> {
-        Ok(self.each(
-            "/tei.v1.Embed/EmbedSparseStream",
-            request,
-            |_, _| async { Err(no_sparse()) },
-        ))
+        Ok(
+            self.each("/tei.v1.Embed/EmbedSparseStream", request, |_, _| async {
+                Err(no_sparse())
+            }),
+        )
     }
 
     async fn embed_all(
@@ -408,9 +425,11 @@ impl Embed for Grpc {
         &self,
         request: Request<Streaming<pb::EmbedAllRequest>>,
     ) -> Result<Response<Self::EmbedAllStreamStream>, Status> {
-        Ok(self.each("/tei.v1.Embed/EmbedAllStream", request, |g, req| async move {
-            g.embed_all_one(req).await
-        }))
+        Ok(self.each(
+            "/tei.v1.Embed/EmbedAllStream",
+            request,
+            |g, req| async move { g.embed_all_one(req).await },
+        ))
     }
 }
 
@@ -446,9 +465,11 @@ impl Predict for Grpc {
         &self,
         request: Request<Streaming<pb::PredictRequest>>,
     ) -> Result<Response<Self::PredictStreamStream>, Status> {
-        Ok(self.each("/tei.v1.Predict/PredictStream", request, |g, req| async move {
-            g.predict_text(req).await
-        }))
+        Ok(self.each(
+            "/tei.v1.Predict/PredictStream",
+            request,
+            |g, req| async move { g.predict_text(req).await },
+        ))
     }
 
     type PredictPairStreamStream = BoxStream<pb::PredictResponse>;
@@ -544,9 +565,11 @@ impl Tokenize for Grpc {
         &self,
         request: Request<Streaming<pb::EncodeRequest>>,
     ) -> Result<Response<Self::TokenizeStreamStream>, Status> {
-        Ok(self.each("/tei.v1.Tokenize/TokenizeStream", request, |g, req| async move {
-            g.tokenize_one(req).await
-        }))
+        Ok(self.each(
+            "/tei.v1.Tokenize/TokenizeStream",
+            request,
+            |g, req| async move { g.tokenize_one(req).await },
+        ))
     }
 
     async fn decode(
@@ -565,9 +588,11 @@ impl Tokenize for Grpc {
         &self,
         request: Request<Streaming<pb::DecodeRequest>>,
     ) -> Result<Response<Self::DecodeStreamStream>, Status> {
-        Ok(self.each("/tei.v1.Tokenize/DecodeStream", request, |g, req| async move {
-            g.decode_one(req)
-        }))
+        Ok(self.each(
+            "/tei.v1.Tokenize/DecodeStream",
+            request,
+            |g, req| async move { g.decode_one(req) },
+        ))
     }
 }
 
@@ -619,7 +644,10 @@ pub async fn serve(
     let limit = service.limits().payload_limit;
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(InterceptedService::new(InfoServer::new(grpc.clone()), auth.clone()))
+        .add_service(InterceptedService::new(
+            InfoServer::new(grpc.clone()),
+            auth.clone(),
+        ))
         .add_service(InterceptedService::new(
             EmbedServer::new(grpc.clone()).max_decoding_message_size(limit),
             auth.clone(),

@@ -37,7 +37,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("qmodel_requests_total", "Requests (HTTP routes, gRPC methods) by route and status"),
+            Opts::new(
+                "qmodel_requests_total",
+                "Requests (HTTP routes, gRPC methods) by route and status",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");

@@ -54,7 +54,9 @@ impl Prompts {
 
     /// The text of `default_prompt_name`, if the checkpoint names one.
     pub fn default_prompt(&self) -> Option<&str> {
-        self.default_prompt_name.as_deref().and_then(|n| self.get(n))
+        self.default_prompt_name
+            .as_deref()
+            .and_then(|n| self.get(n))
     }
 }
 
@@ -65,7 +67,10 @@ mod tests {
     #[test]
     fn reads_sentence_transformers_prompts_and_refuses_an_unknown_default() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Prompts::read_checkpoint(dir.path()).unwrap(), Prompts::default());
+        assert_eq!(
+            Prompts::read_checkpoint(dir.path()).unwrap(),
+            Prompts::default()
+        );
         let write = |json: &str| std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
         write(
             r#"{"prompts": {"query": "query: ", "passage": "passage: "},
@@ -76,7 +81,9 @@ mod tests {
         assert_eq!(prompts.default_prompt(), Some("query: "));
         assert_eq!(prompts.names(), ["passage", "query"]);
         write(r#"{"prompts": {"query": "q: "}, "default_prompt_name": "doc"}"#);
-        let e = Prompts::read_checkpoint(dir.path()).unwrap_err().to_string();
+        let e = Prompts::read_checkpoint(dir.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"doc\""), "{e}");
     }
 }

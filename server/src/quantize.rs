@@ -83,7 +83,14 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     }
     let checkpoint = Checkpoint::load(from)?;
     let weights = args.out.join(WEIGHTS_FILE);
-    write_gguf(&checkpoint, &weights, &config, head_labels, args.precision, None)?;
+    write_gguf(
+        &checkpoint,
+        &weights,
+        &config,
+        head_labels,
+        args.precision,
+        None,
+    )?;
     let tokenizer = args.out.join(TOKENIZER_FILE);
     std::fs::copy(from.join(TOKENIZER_FILE), &tokenizer)
         .with_context(|| format!("{}: cannot copy", from.join(TOKENIZER_FILE).display()))?;

@@ -402,10 +402,16 @@ mod tests {
     }
 
     fn submit<O: Send + 'static>(queue: &Queue<(), O>, encodings: Vec<Encoding>) -> Ticket<O> {
-        queue.submit(queue.try_admit().unwrap(), (), encodings).unwrap()
+        queue
+            .submit(queue.try_admit().unwrap(), (), encodings)
+            .unwrap()
     }
 
-    fn plan<const N: usize>(lens: [usize; N], max_tokens: usize, max_requests: usize) -> Vec<usize> {
+    fn plan<const N: usize>(
+        lens: [usize; N],
+        max_tokens: usize,
+        max_requests: usize,
+    ) -> Vec<usize> {
         plan_batches(lens.map(|len| ((), len)), max_tokens, max_requests)
     }
 

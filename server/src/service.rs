@@ -327,10 +327,7 @@ impl Service {
     }
 
     /// Applies `--request-timeout` to the whole of a request's work.
-    pub async fn timed<T>(
-        &self,
-        work: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
+    pub async fn timed<T>(&self, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
         match self.limits.request_timeout {
             None => work.await,
             Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
@@ -368,7 +365,12 @@ impl Service {
 
     /// [`Self::check_count`] against `--max-client-batch-size`.
     pub fn check_inputs(&self, field: &str, inputs: &[Input]) -> Result<(), Error> {
-        self.check_count(field, inputs, self.limits.max_client_batch_size, input_is_empty)
+        self.check_count(
+            field,
+            inputs,
+            self.limits.max_client_batch_size,
+            input_is_empty,
+        )
     }
 
     /// [`Self::check_count`] of texts against `--max-client-batch-size`.
@@ -565,8 +567,10 @@ impl Service {
         }
         let truncate = self.truncate(options.truncate, options.truncation_direction);
         let query = Arc::new(query);
-        let pairs: Vec<(Arc<String>, String)> =
-            texts.into_iter().map(|text| (query.clone(), text)).collect();
+        let pairs: Vec<(Arc<String>, String)> = texts
+            .into_iter()
+            .map(|text| (query.clone(), text))
+            .collect();
         let logits = self
             .timed(async {
                 let encodings = self
@@ -668,7 +672,11 @@ impl Service {
     }
 
     /// The text of each list of token ids (`/decode`).
-    pub fn decode(&self, ids: &[Vec<u32>], skip_special_tokens: bool) -> Result<Vec<String>, Error> {
+    pub fn decode(
+        &self,
+        ids: &[Vec<u32>],
+        skip_special_tokens: bool,
+    ) -> Result<Vec<String>, Error> {
         self.check_count("ids", ids, self.limits.max_client_batch_size, Vec::is_empty)?;
         Ok(ids
             .iter()

@@ -121,7 +121,11 @@ impl Tokenizer {
     }
 
     /// Encodes one text with special tokens (`[CLS] text [SEP]`).
-    pub fn encode(&self, text: &str, truncate: impl Into<Truncate>) -> Result<Encoding, TokenizeError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        truncate: impl Into<Truncate>,
+    ) -> Result<Encoding, TokenizeError> {
         self.limited(text, truncate.into())
     }
 

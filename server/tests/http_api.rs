@@ -2,11 +2,11 @@
 
 mod http_support;
 
-use qmodel_server::http::router;
 use axum::http::{Method, StatusCode};
 use base64::Engine as _;
 use http_support::{app, call, metric, post};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::json;
 
 fn norm(v: &[f32]) -> f32 {

@@ -3,10 +3,10 @@
 
 mod http_support;
 
-use qmodel_server::http::router;
 use http_support::common::cosine;
 use http_support::{app, metric, post, sentences};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -29,7 +29,9 @@ fn norm(v: &[f32]) -> f32 {
 
 /// The ids of `text` with special tokens, from `/tokenize`.
 async fn ids(router: &axum::Router, text: &str) -> Vec<u32> {
-    let tokens = post(router, "/tokenize", json!({"inputs": text})).await.json();
+    let tokens = post(router, "/tokenize", json!({"inputs": text}))
+        .await
+        .json();
     tokens[0]
         .as_array()
         .unwrap()
@@ -41,7 +43,9 @@ async fn ids(router: &axum::Router, text: &str) -> Vec<u32> {
 #[tokio::test]
 async fn token_ids_embed_like_their_text_and_unknown_ids_are_named() {
     let router = router(&app(Limits::default(), true).await);
-    let texts = post(&router, "/embed", json!({"inputs": TEXTS})).await.embeddings();
+    let texts = post(&router, "/embed", json!({"inputs": TEXTS}))
+        .await
+        .embeddings();
     let mut id_lists = Vec::new();
     for text in TEXTS {
         id_lists.push(ids(&router, text).await);
@@ -76,7 +80,9 @@ async fn token_ids_embed_like_their_text_and_unknown_ids_are_named() {
         (json!({"input": [101, 30522]}), "/v1/embeddings"),
         (json!({"ids": [101, 30522]}), "/decode"),
     ] {
-        let message = post(&router, route, body).await.expect_error(422, "validation");
+        let message = post(&router, route, body)
+            .await
+            .expect_error(422, "validation");
         assert!(message.contains("30522"), "{route}: {message}");
     }
     for (name, body) in [
@@ -106,41 +112,73 @@ async fn truncation_cuts_the_end_it_is_told_to() {
         async move { post(&router, "/embed", body).await.embeddings().remove(0) }
     };
     let right = embed(json!({"inputs": long, "truncate": true})).await;
-    let default_right = embed(json!({"inputs": long, "truncate": true, "truncation_direction": "Right"})).await;
-    let left = embed(json!({"inputs": long, "truncate": true, "truncation_direction": "left"})).await;
+    let default_right =
+        embed(json!({"inputs": long, "truncate": true, "truncation_direction": "Right"})).await;
+    let left =
+        embed(json!({"inputs": long, "truncate": true, "truncation_direction": "left"})).await;
     let cats = embed(json!({"inputs": start, "truncate": true})).await;
-    let stocks = embed(json!({"inputs": end, "truncate": true, "truncation_direction": "left"})).await;
+    let stocks =
+        embed(json!({"inputs": end, "truncate": true, "truncation_direction": "left"})).await;
     assert_eq!(right, default_right);
-    assert!(cosine(&right, &cats) > 0.99, "right truncation keeps the start");
-    assert!(cosine(&left, &stocks) > 0.99, "left truncation keeps the end");
+    assert!(
+        cosine(&right, &cats) > 0.99,
+        "right truncation keeps the start"
+    );
+    assert!(
+        cosine(&left, &stocks) > 0.99,
+        "left truncation keeps the end"
+    );
     assert!(cosine(&left, &right) < 0.9);
 
     // Token ids are cut the same way, keeping the first or the last 256.
     let mut id_list: Vec<u32> = (0..300).map(|i| 2000 + i).collect();
     let kept_left = embed(json!({"inputs": [&id_list[44..]], "truncate": true})).await;
-    let cut_left = embed(json!({"inputs": [&id_list], "truncate": true, "truncation_direction": "left"})).await;
+    let cut_left =
+        embed(json!({"inputs": [&id_list], "truncate": true, "truncation_direction": "left"}))
+            .await;
     assert_eq!(cut_left, kept_left);
     id_list.truncate(256);
     let kept_right = embed(json!({"inputs": [&id_list]})).await;
-    let cut_right = embed(json!({"inputs": [(0..300).map(|i| 2000 + i).collect::<Vec<u32>>()], "truncate": true})).await;
+    let cut_right = embed(
+        json!({"inputs": [(0..300).map(|i| 2000 + i).collect::<Vec<u32>>()], "truncate": true}),
+    )
+    .await;
     assert_eq!(cut_right, kept_right);
-    let reply = post(&router, "/embed", json!({"inputs": [(0..300).collect::<Vec<u32>>()], "truncate": false})).await;
+    let reply = post(
+        &router,
+        "/embed",
+        json!({"inputs": [(0..300).collect::<Vec<u32>>()], "truncate": false}),
+    )
+    .await;
     assert!(reply.expect_error(422, "validation").contains("300 tokens"));
-    let reply = post(&router, "/embed", json!({"inputs": "a", "truncation_direction": "middle"})).await;
+    let reply = post(
+        &router,
+        "/embed",
+        json!({"inputs": "a", "truncation_direction": "middle"}),
+    )
+    .await;
     reply.expect_error(422, "validation");
 }
 
 #[tokio::test]
 async fn dimensions_keep_a_prefix_renormalized_and_refuse_more_than_the_width() {
     let router = router(&app(Limits::default(), true).await);
-    let full = post(&router, "/embed", json!({"inputs": TEXTS[1], "normalize": false}))
-        .await
-        .embeddings()
-        .remove(0);
-    let short = post(&router, "/embed", json!({"inputs": TEXTS[1], "dimensions": 64}))
-        .await
-        .embeddings()
-        .remove(0);
+    let full = post(
+        &router,
+        "/embed",
+        json!({"inputs": TEXTS[1], "normalize": false}),
+    )
+    .await
+    .embeddings()
+    .remove(0);
+    let short = post(
+        &router,
+        "/embed",
+        json!({"inputs": TEXTS[1], "dimensions": 64}),
+    )
+    .await
+    .embeddings()
+    .remove(0);
     assert_eq!(short.len(), 64);
     assert!((norm(&short) - 1.0).abs() < 1e-5);
     assert!(cosine(&short, &full[..64]) > 0.99999);
@@ -183,9 +221,13 @@ async fn openai_takes_up_to_2048_inputs_whatever_the_client_batch_size() {
     };
     let router = router(&app(limits, true).await);
     let inputs: Vec<String> = (0..2048).map(|i| format!("item {}", i % 7)).collect();
-    let reply = post(&router, "/v1/embeddings", json!({"input": inputs, "user": "u-1"}))
-        .await
-        .json();
+    let reply = post(
+        &router,
+        "/v1/embeddings",
+        json!({"input": inputs, "user": "u-1"}),
+    )
+    .await
+    .json();
     let data = reply["data"].as_array().unwrap();
     assert_eq!(data.len(), 2048);
     assert_eq!(data[2047]["index"], 2047);
@@ -194,10 +236,17 @@ async fn openai_takes_up_to_2048_inputs_whatever_the_client_batch_size() {
     let reply = post(&router, "/v1/embeddings", json!({"input": over})).await;
     assert!(reply.expect_error(422, "validation").contains("2048"));
     // /embed keeps MAX_CLIENT_BATCH_SIZE.
-    let reply = post(&router, "/embed", json!({"inputs": ["a", "b", "c", "d", "e"]})).await;
+    let reply = post(
+        &router,
+        "/embed",
+        json!({"inputs": ["a", "b", "c", "d", "e"]}),
+    )
+    .await;
     reply.expect_error(422, "validation");
 
-    let models = call(&router, Method::GET, "/v1/models", "", None).await.json();
+    let models = call(&router, Method::GET, "/v1/models", "", None)
+        .await
+        .json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "all-MiniLM-L6-v2");
     assert_eq!(models["data"][0]["object"], "model");
@@ -206,13 +255,23 @@ async fn openai_takes_up_to_2048_inputs_whatever_the_client_batch_size() {
 #[tokio::test]
 async fn embed_all_similarity_and_decode_agree_with_embed_and_tokenize() {
     let router = router(&app(Limits::default(), true).await);
-    let tokens = post(&router, "/embed_all", json!({"inputs": TEXTS})).await.json();
-    let pooled = post(&router, "/embed", json!({"inputs": TEXTS, "normalize": false}))
+    let tokens = post(&router, "/embed_all", json!({"inputs": TEXTS}))
         .await
-        .embeddings();
+        .json();
+    let pooled = post(
+        &router,
+        "/embed",
+        json!({"inputs": TEXTS, "normalize": false}),
+    )
+    .await
+    .embeddings();
     for (i, text) in TEXTS.iter().enumerate() {
         let rows: Vec<Vec<f32>> = serde_json::from_value(tokens[i].clone()).unwrap();
-        assert_eq!(rows.len(), ids(&router, text).await.len(), "one vector per token");
+        assert_eq!(
+            rows.len(),
+            ids(&router, text).await.len(),
+            "one vector per token"
+        );
         assert!(rows.iter().all(|r| r.len() == 384));
         // Mean pooling of the token vectors is the sentence vector.
         let mean: Vec<f32> = (0..384)
@@ -221,7 +280,9 @@ async fn embed_all_similarity_and_decode_agree_with_embed_and_tokenize() {
         assert!(cosine(&mean, &pooled[i]) > 0.99999);
     }
 
-    let unit = post(&router, "/embed", json!({"inputs": TEXTS})).await.embeddings();
+    let unit = post(&router, "/embed", json!({"inputs": TEXTS}))
+        .await
+        .embeddings();
     let similarity = post(
         &router,
         "/similarity",
@@ -234,8 +295,13 @@ async fn embed_all_similarity_and_decode_agree_with_embed_and_tokenize() {
         assert!((f64::from(*score) - cosine(&unit[0], other)).abs() < 1e-5);
     }
 
-    let id_lists = [ids(&router, "hello world").await, ids(&router, "Héllo").await];
-    let texts = post(&router, "/decode", json!({"ids": id_lists})).await.json();
+    let id_lists = [
+        ids(&router, "hello world").await,
+        ids(&router, "Héllo").await,
+    ];
+    let texts = post(&router, "/decode", json!({"ids": id_lists}))
+        .await
+        .json();
     assert_eq!(texts, json!(["hello world", "hello"]));
     let with_special = post(
         &router,
@@ -249,16 +315,27 @@ async fn embed_all_similarity_and_decode_agree_with_embed_and_tokenize() {
     for (route, body) in [
         ("/embed_all", json!({"inputs": []})),
         ("/embed_all", json!({"inputs": ""})),
-        ("/similarity", json!({"inputs": {"source_sentence": "", "sentences": ["a"]}})),
-        ("/similarity", json!({"inputs": {"source_sentence": "a", "sentences": []}})),
+        (
+            "/similarity",
+            json!({"inputs": {"source_sentence": "", "sentences": ["a"]}}),
+        ),
+        (
+            "/similarity",
+            json!({"inputs": {"source_sentence": "a", "sentences": []}}),
+        ),
         ("/similarity", json!({"inputs": {"source_sentence": "a"}})),
-        ("/similarity", json!({"source_sentence": "a", "sentences": ["b"]})),
+        (
+            "/similarity",
+            json!({"source_sentence": "a", "sentences": ["b"]}),
+        ),
         ("/decode", json!({"ids": []})),
         ("/decode", json!({"ids": [[]]})),
         ("/decode", json!({"ids": "hello"})),
         ("/decode", json!({"ids": [-3]})),
     ] {
-        post(&router, route, body).await.expect_error(422, "validation");
+        post(&router, route, body)
+            .await
+            .expect_error(422, "validation");
     }
 }
 
@@ -297,7 +374,10 @@ async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
     // The checkpoint's default prompt, a named one, and the flags.
     let served = serve(PromptArgs::default());
     let info = call(&served, Method::GET, "/info", "", None).await.json();
-    assert_eq!(info["prompts"], json!({"passage": "passage: ", "query": "query: "}));
+    assert_eq!(
+        info["prompts"],
+        json!({"passage": "passage: ", "query": "query: "})
+    );
     assert_eq!(info["default_prompt"], "passage: ");
     let passage = embed(&plain, json!({"inputs": format!("passage: {text}")})).await;
     let query = embed(&plain, json!({"inputs": format!("query: {text}")})).await;
@@ -306,9 +386,13 @@ async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
         embed(&served, json!({"inputs": text, "prompt_name": "query"})).await,
         query
     );
-    let tokens = post(&served, "/tokenize", json!({"inputs": "x", "prompt_name": "query"}))
-        .await
-        .json();
+    let tokens = post(
+        &served,
+        "/tokenize",
+        json!({"inputs": "x", "prompt_name": "query"}),
+    )
+    .await
+    .json();
     assert_eq!(tokens[0][1]["text"], "query");
     let by_name = serve(PromptArgs {
         default_prompt_name: Some("query".into()),
@@ -323,17 +407,23 @@ async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
 
     for route in ["/embed", "/embed_all", "/tokenize"] {
         let body = json!({"inputs": text, "prompt_name": "title"});
-        let message = post(&served, route, body).await.expect_error(422, "validation");
+        let message = post(&served, route, body)
+            .await
+            .expect_error(422, "validation");
         assert!(message.contains("\"title\""), "{route}: {message}");
     }
     let body = json!({"inputs": text, "prompt_name": 5});
-    post(&served, "/embed", body).await.expect_error(422, "validation");
+    post(&served, "/embed", body)
+        .await
+        .expect_error(422, "validation");
     let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
     let unknown = PromptArgs {
         default_prompt_name: Some("title".into()),
         default_prompt: None,
     };
-    let error = Service::new(model, Limits::default(), &unknown).err().unwrap();
+    let error = Service::new(model, Limits::default(), &unknown)
+        .err()
+        .unwrap();
     assert!(error.to_string().contains("\"title\""), "{error}");
 }
 
@@ -342,7 +432,12 @@ fn ranks(value: &Value, score: &str) -> Vec<(usize, f32)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["index"].as_u64().unwrap() as usize, r[score].as_f64().unwrap() as f32))
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap() as usize,
+                r[score].as_f64().unwrap() as f32,
+            )
+        })
         .collect()
 }
 
@@ -356,9 +451,13 @@ async fn cohere_and_jina_rerank_shapes_score_exactly_as_tei_rerank() {
         "France's capital city is Paris, on the Seine.",
         "Rust has no garbage collector.",
     ];
-    let tei = post(&router, "/rerank", json!({"query": query, "texts": documents}))
-        .await
-        .json();
+    let tei = post(
+        &router,
+        "/rerank",
+        json!({"query": query, "texts": documents}),
+    )
+    .await
+    .json();
     let tei = ranks(&tei, "score");
     for route in ["/v1/rerank", "/v2/rerank"] {
         let reply = post(
@@ -416,19 +515,30 @@ async fn cohere_and_jina_rerank_shapes_score_exactly_as_tei_rerank() {
         reply.expect_error(422, "validation");
     }
     // `POST /` on a reranker is /rerank; the embedding routes need an embedding model.
-    let root = post(&router, "/", json!({"query": query, "texts": documents})).await.json();
+    let root = post(&router, "/", json!({"query": query, "texts": documents}))
+        .await
+        .json();
     assert_eq!(ranks(&root, "score"), tei);
     for (route, body) in [
         ("/embed_all", json!({"inputs": "a"})),
-        ("/similarity", json!({"inputs": {"source_sentence": "a", "sentences": ["b"]}})),
+        (
+            "/similarity",
+            json!({"inputs": {"source_sentence": "a", "sentences": ["b"]}}),
+        ),
         ("/v1/embeddings", json!({"input": "a"})),
     ] {
-        post(&router, route, body).await.expect_error(424, "backend");
+        post(&router, route, body)
+            .await
+            .expect_error(424, "backend");
     }
     let embedder = router_of_embedder().await;
-    post(&embedder, "/v2/rerank", json!({"query": query, "documents": documents}))
-        .await
-        .expect_error(424, "backend");
+    post(
+        &embedder,
+        "/v2/rerank",
+        json!({"query": query, "documents": documents}),
+    )
+    .await
+    .expect_error(424, "backend");
 }
 
 async fn router_of_embedder() -> axum::Router {
@@ -463,7 +573,12 @@ fn predictions(value: &Value) -> Vec<(String, f32)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["label"].as_str().unwrap().to_owned(), p["score"].as_f64().unwrap() as f32))
+        .map(|p| {
+            (
+                p["label"].as_str().unwrap().to_owned(),
+                p["score"].as_f64().unwrap() as f32,
+            )
+        })
         .collect()
 }
 
@@ -473,31 +588,55 @@ async fn predict_scores_every_label_single_or_multi_label() {
     let info = call(&multi, Method::GET, "/info", "", None).await.json();
     assert_eq!(info["task"], "classify");
     let text = "You are all idiots and this is spam.";
-    let scored = predictions(&post(&multi, "/predict", json!({"inputs": text})).await.json());
-    let raw = predictions(
-        &post(&multi, "/predict", json!({"inputs": text, "raw_scores": true}))
+    let scored = predictions(
+        &post(&multi, "/predict", json!({"inputs": text}))
             .await
             .json(),
+    );
+    let raw = predictions(
+        &post(
+            &multi,
+            "/predict",
+            json!({"inputs": text, "raw_scores": true}),
+        )
+        .await
+        .json(),
     );
     let mut labels: Vec<&str> = scored.iter().map(|(l, _)| l.as_str()).collect();
     labels.sort();
     assert_eq!(labels, ["relevant", "spam", "toxic"]);
-    assert!(scored.windows(2).all(|w| w[0].1 >= w[1].1), "highest first: {scored:?}");
+    assert!(
+        scored.windows(2).all(|w| w[0].1 >= w[1].1),
+        "highest first: {scored:?}"
+    );
     // Multi-label: each label's own sigmoid.
     for (label, logit) in &raw {
         let score = scored.iter().find(|(l, _)| l == label).unwrap().1;
-        assert!((score - 1.0 / (1.0 + (-logit).exp())).abs() < 1e-6, "{label}");
+        assert!(
+            (score - 1.0 / (1.0 + (-logit).exp())).abs() < 1e-6,
+            "{label}"
+        );
     }
     // `POST /` is /predict for a classifier; a batch answers a list per input; a list of two
     // texts is one pair, as TEI reads it.
     let root = post(&multi, "/", json!({"inputs": text})).await.json();
     assert_eq!(predictions(&root), scored);
-    let batch = post(&multi, "/predict", json!({"inputs": [text, "Hello there.", "A third one."]}))
-        .await
-        .json();
+    let batch = post(
+        &multi,
+        "/predict",
+        json!({"inputs": [text, "Hello there.", "A third one."]}),
+    )
+    .await
+    .json();
     assert_eq!(batch.as_array().unwrap().len(), 3);
     assert_eq!(predictions(&batch[0]), scored);
-    let pair = post(&multi, "/predict", json!({"inputs": [text, "Hello there."]})).await.json();
+    let pair = post(
+        &multi,
+        "/predict",
+        json!({"inputs": [text, "Hello there."]}),
+    )
+    .await
+    .json();
     assert_eq!(pair.as_array().unwrap().len(), 3, "one input: {pair}");
     assert!(pair[0]["label"].is_string());
 
@@ -505,7 +644,11 @@ async fn predict_scores_every_label_single_or_multi_label() {
     let single = classifier(Precision::Int8, |c| {
         c.as_object_mut().unwrap().remove("problem_type");
     });
-    let softmax = predictions(&post(&single, "/predict", json!({"inputs": text})).await.json());
+    let softmax = predictions(
+        &post(&single, "/predict", json!({"inputs": text}))
+            .await
+            .json(),
+    );
     let total: f32 = softmax.iter().map(|p| p.1).sum();
     assert!((total - 1.0).abs() < 1e-5, "{softmax:?}");
 
@@ -518,7 +661,9 @@ async fn predict_scores_every_label_single_or_multi_label() {
         json!({"inputs": 3}),
         json!({"inputs": "a", "raw_scores": "yes"}),
     ] {
-        post(&multi, "/predict", body).await.expect_error(422, "validation");
+        post(&multi, "/predict", body)
+            .await
+            .expect_error(422, "validation");
     }
     post(&multi, "/rerank", json!({"query": "q", "texts": ["a"]}))
         .await
@@ -539,7 +684,10 @@ async fn a_classifier_pair_scores_its_first_label_as_the_reranker_does() {
     let artifact = common::artifact(&reranker(), Precision::F32);
     let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
     let rerank = router(&Service::new(model, Limits::default(), &PromptArgs::default()).unwrap());
-    let (query, passage) = ("What is the capital of France?", "Paris is the capital of France.");
+    let (query, passage) = (
+        "What is the capital of France?",
+        "Paris is the capital of France.",
+    );
     let ranked = post(
         &rerank,
         "/rerank",

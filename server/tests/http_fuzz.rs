@@ -214,19 +214,30 @@ fn well_formed() -> impl Strategy<Value = Value> {
             .prop_map(|(input, format)| {
                 json!({"input": input, "model": "x", "encoding_format": format})
             }),
-        (one_or_many.clone(), any::<bool>(), prop::option::of(text())).prop_map(|(inputs, special, prompt)| {
-            json!({"inputs": inputs, "add_special_tokens": special, "prompt_name": prompt})
-        }),
+        (one_or_many.clone(), any::<bool>(), prop::option::of(text())).prop_map(
+            |(inputs, special, prompt)| {
+                json!({"inputs": inputs, "add_special_tokens": special, "prompt_name": prompt})
+            }
+        ),
         // Token ids: in and out of the vocabulary, flat or nested, empty, mixed with text.
-        (ids(), direction(), flag.clone(), prop::option::of(0i64..400)).prop_map(
-            |(inputs, direction, truncate, dimensions)| {
+        (
+            ids(),
+            direction(),
+            flag.clone(),
+            prop::option::of(0i64..400)
+        )
+            .prop_map(|(inputs, direction, truncate, dimensions)| {
                 json!({"inputs": inputs, "input": inputs, "ids": inputs,
                        "truncation_direction": direction, "truncate": truncate,
                        "dimensions": dimensions})
-            }
-        ),
+            }),
         // Cohere / Jina rerank: documents as strings or objects, top_n, return_documents.
-        (text(), prop::collection::vec(document(), 0..10), prop::option::of(-2i64..12), any::<bool>())
+        (
+            text(),
+            prop::collection::vec(document(), 0..10),
+            prop::option::of(-2i64..12),
+            any::<bool>()
+        )
             .prop_map(|(query, documents, top_n, return_documents)| {
                 json!({"model": "m", "query": query, "documents": documents, "top_n": top_n,
                        "return_documents": return_documents})
@@ -236,11 +247,15 @@ fn well_formed() -> impl Strategy<Value = Value> {
             json!({"inputs": {"source_sentence": source, "sentences": sentences},
                    "parameters": {"prompt_name": prompt}})
         }),
-        (prop_oneof![
-            text().prop_map(Value::from),
-            (text(), text()).prop_map(|(a, b)| json!([a, b])),
-            texts().prop_map(Value::from),
-        ], any::<bool>()).prop_map(|(inputs, raw_scores)| json!({"inputs": inputs, "raw_scores": raw_scores})),
+        (
+            prop_oneof![
+                text().prop_map(Value::from),
+                (text(), text()).prop_map(|(a, b)| json!([a, b])),
+                texts().prop_map(Value::from),
+            ],
+            any::<bool>()
+        )
+            .prop_map(|(inputs, raw_scores)| json!({"inputs": inputs, "raw_scores": raw_scores})),
     ]
 }
 
@@ -261,7 +276,14 @@ fn ids() -> impl Strategy<Value = Value> {
 }
 
 fn direction() -> impl Strategy<Value = Value> {
-    prop::sample::select(vec![json!("left"), json!("right"), json!("Left"), json!("up"), json!(1), Value::Null])
+    prop::sample::select(vec![
+        json!("left"),
+        json!("right"),
+        json!("Left"),
+        json!("up"),
+        json!(1),
+        Value::Null,
+    ])
 }
 
 fn document() -> impl Strategy<Value = Value> {

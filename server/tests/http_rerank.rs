@@ -2,11 +2,11 @@
 
 mod http_support;
 
-use qmodel_server::http::router;
 use axum::http::Method;
 use http_support::common::reranker;
 use http_support::{app_on, call, post};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::{Value, json};
 
 const TEXTS: [&str; 4] = [

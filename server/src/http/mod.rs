@@ -22,11 +22,11 @@ use base64::Engine as _;
 use self::errors::{ApiError, ApiJson};
 use self::types::{
     CohereApiVersion, CohereBilledUnits, CohereMeta, CohereRerankRequest, CohereRerankResponse,
-    CohereRerankResult, DecodeRequest, DocumentText, EmbedAllRequest, EmbedRequest,
-    EmbeddingValue, EncodingFormat, ErrorType, Info, Inputs, OpenAiEmbedding,
-    OpenAiEmbeddingsRequest, OpenAiEmbeddingsResponse, OpenAiModel, OpenAiModels, OpenAiUsage,
-    PredictInputs, PredictRequest, PredictResponse, Prediction, Rank, RerankRequest,
-    SimilarityRequest, TokenizeRequest,
+    CohereRerankResult, DecodeRequest, DocumentText, EmbedAllRequest, EmbedRequest, EmbeddingValue,
+    EncodingFormat, ErrorType, Info, Inputs, OpenAiEmbedding, OpenAiEmbeddingsRequest,
+    OpenAiEmbeddingsResponse, OpenAiModel, OpenAiModels, OpenAiUsage, PredictInputs,
+    PredictRequest, PredictResponse, Prediction, Rank, RerankRequest, SimilarityRequest,
+    TokenizeRequest,
 };
 use crate::artifact::Task;
 use crate::service::{EmbedOptions, EncodeOptions, OPENAI_MAX_INPUTS, ScoreOptions, Service};
