@@ -129,8 +129,15 @@ impl BertBackend {
         Ok((hidden, packed.lens))
     }
 
-    /// [`Self::encode`], as `f32` values.
-    fn encode_f32(&self, batch: &[Encoding]) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+    /// [`Self::encode`] as `f32` values, for an embedding model (nothing for no inputs).
+    fn embedder_states(&self, batch: &[Encoding]) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        ensure!(
+            self.task == Task::Embed,
+            "this model is a classifier: it scores, it does not embed"
+        );
+        if batch.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let (hidden, lens) = self.encode(batch)?;
         Ok((hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, lens))
     }
@@ -172,14 +179,7 @@ impl PackedBatch {
 
 impl Backend for BertBackend {
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
-        ensure!(
-            self.task == Task::Embed,
-            "this model is a classifier: it scores, it does not embed"
-        );
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (hidden, lens) = self.encode_f32(batch)?;
+        let (hidden, lens) = self.embedder_states(batch)?;
         Ok(pool(
             &hidden,
             self.model.config().hidden_size,
@@ -189,14 +189,7 @@ impl Backend for BertBackend {
     }
 
     fn embed_tokens(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
-        ensure!(
-            self.task == Task::Embed,
-            "this model is a classifier: it scores, it does not embed"
-        );
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (hidden, lens) = self.encode_f32(batch)?;
+        let (hidden, lens) = self.embedder_states(batch)?;
         let width = self.model.config().hidden_size;
         let mut rest = hidden.as_slice();
         Ok(lens

@@ -140,17 +140,23 @@ impl Tokenizer {
         match (input, prompt) {
             (Input::Text(text), None) => self.limited(text.as_str(), truncate),
             (Input::Text(text), Some(prompt)) => self.limited(format!("{prompt}{text}"), truncate),
-            (Input::Ids(ids), _) => self.from_ids(ids, truncate),
+            (Input::Ids(ids), _) => self.encode_ids(ids, truncate),
         }
     }
 
-    fn from_ids(&self, ids: &[u32], truncate: Truncate) -> Result<Encoding, TokenizeError> {
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(TokenizeError::UnknownId {
+    /// Every id is in the vocabulary, or the first that is not.
+    fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizeError> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            Some(&id) => Err(TokenizeError::UnknownId {
                 id,
                 vocab_size: self.vocab_size,
-            });
+            }),
+            None => Ok(()),
         }
+    }
+
+    fn encode_ids(&self, ids: &[u32], truncate: Truncate) -> Result<Encoding, TokenizeError> {
+        self.check_ids(ids)?;
         let max = self.max_input_tokens;
         let ids = match truncate {
             _ if ids.len() <= max => ids,
@@ -171,12 +177,7 @@ impl Tokenizer {
 
     /// The text of token ids, for `/decode`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizeError> {
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-            return Err(TokenizeError::UnknownId {
-                id,
-                vocab_size: self.vocab_size,
-            });
-        }
+        self.check_ids(ids)?;
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| TokenizeError::Failed(e.to_string()))
@@ -302,6 +303,46 @@ mod tests {
         assert_eq!(e.ids.iter().filter(|&&id| id == 102).count(), 2);
         assert_eq!(e.type_ids[..4], [0, 0, 0, 0]);
         assert_eq!(*e.type_ids.last().unwrap(), 1);
+    }
+
+    #[test]
+    fn left_truncation_keeps_the_end_and_the_special_tokens() {
+        let tok = minilm(6);
+        let text = "one two three four five six seven";
+        let right = tok.encode(text, true).unwrap();
+        let left = tok
+            .encode(text, Truncate::At(TruncationDirection::Left))
+            .unwrap();
+        let ids = |t: &str| tok.encode(t, false).unwrap().ids;
+        assert_eq!(right.ids, ids("one two three four"));
+        assert_eq!(left.ids, ids("four five six seven"));
+    }
+
+    #[test]
+    fn token_ids_are_checked_and_cut_but_get_no_special_tokens() {
+        let tok = minilm(4);
+        let encode = |ids: &[u32], truncate| {
+            tok.encode_input(&Input::Ids(ids.to_vec()), Some("query: "), truncate)
+        };
+        assert_eq!(encode(&[7, 8, 9], Truncate::No).unwrap().ids, vec![7, 8, 9]);
+        let long = [1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            encode(&long, Truncate::No),
+            Err(TokenizeError::TooLong { tokens: 6, max: 4 })
+        );
+        let right = Truncate::At(TruncationDirection::Right);
+        let left = Truncate::At(TruncationDirection::Left);
+        assert_eq!(encode(&long, right).unwrap().ids, vec![1, 2, 3, 4]);
+        assert_eq!(encode(&long, left).unwrap().ids, vec![3, 4, 5, 6]);
+        assert_eq!(
+            encode(&[5, 30522], Truncate::No),
+            Err(TokenizeError::UnknownId {
+                id: 30522,
+                vocab_size: 30522
+            })
+        );
+        assert_eq!(tok.decode(&[101, 7592, 102], true).unwrap(), "hello");
+        assert!(tok.decode(&[u32::MAX], true).is_err());
     }
 
     #[test]

@@ -111,7 +111,7 @@ async fn embed_all(
     Admitted(admission): Admitted,
     ApiJson(req): ApiJson<EmbedAllRequest>,
 ) -> Result<Json<Vec<Vec<Vec<f32>>>>, ApiError> {
-    let options = req.options();
+    let options = req.encode.options();
     let Inputs(inputs) = req.inputs;
     service.check_inputs("inputs", &inputs)?;
     Ok(Json(service.embed_all(admission, inputs, &options).await?))

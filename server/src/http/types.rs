@@ -163,28 +163,42 @@ impl<'de> Deserialize<'de> for IdLists {
     }
 }
 
+/// How text inputs are encoded, as TEI's embedding routes take it.
+#[derive(Debug, Default, Deserialize)]
+pub struct EncodeParameters {
+    /// Defaults to the server's `--auto-truncate`.
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: TruncationDirection,
+    /// Defaults to the server's default prompt.
+    pub prompt_name: Option<String>,
+}
+
+impl EncodeParameters {
+    pub fn options(&self) -> EncodeOptions {
+        EncodeOptions {
+            truncate: self.truncate,
+            truncation_direction: self.truncation_direction,
+            prompt_name: self.prompt_name.clone(),
+        }
+    }
+}
+
 /// `POST /embed` (and `POST /` for embedding models).
 #[derive(Debug, Deserialize)]
 pub struct EmbedRequest {
     pub inputs: Inputs,
     /// Defaults to the model's manifest.
     pub normalize: Option<bool>,
-    /// Defaults to the server's `--auto-truncate`.
-    pub truncate: Option<bool>,
-    #[serde(default)]
-    pub truncation_direction: TruncationDirection,
-    pub prompt_name: Option<String>,
     pub dimensions: Option<usize>,
+    #[serde(flatten)]
+    pub encode: EncodeParameters,
 }
 
 impl EmbedRequest {
     pub fn options(&self) -> EmbedOptions {
         EmbedOptions {
-            encode: EncodeOptions {
-                truncate: self.truncate,
-                truncation_direction: self.truncation_direction,
-                prompt_name: self.prompt_name.clone(),
-            },
+            encode: self.encode.options(),
             normalize: self.normalize,
             dimensions: self.dimensions,
         }
@@ -195,20 +209,8 @@ impl EmbedRequest {
 #[derive(Debug, Deserialize)]
 pub struct EmbedAllRequest {
     pub inputs: Inputs,
-    pub truncate: Option<bool>,
-    #[serde(default)]
-    pub truncation_direction: TruncationDirection,
-    pub prompt_name: Option<String>,
-}
-
-impl EmbedAllRequest {
-    pub fn options(&self) -> EncodeOptions {
-        EncodeOptions {
-            truncate: self.truncate,
-            truncation_direction: self.truncation_direction,
-            prompt_name: self.prompt_name.clone(),
-        }
-    }
+    #[serde(flatten)]
+    pub encode: EncodeParameters,
 }
 
 /// `POST /similarity` (huggingface_hub's `sentence_similarity`): answered with one cosine per
@@ -217,31 +219,13 @@ impl EmbedAllRequest {
 pub struct SimilarityRequest {
     pub inputs: SimilarityInputs,
     #[serde(default)]
-    pub parameters: SimilarityParameters,
+    pub parameters: EncodeParameters,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct SimilarityInputs {
     pub source_sentence: String,
     pub sentences: Vec<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct SimilarityParameters {
-    pub truncate: Option<bool>,
-    #[serde(default)]
-    pub truncation_direction: TruncationDirection,
-    pub prompt_name: Option<String>,
-}
-
-impl SimilarityParameters {
-    pub fn options(&self) -> EncodeOptions {
-        EncodeOptions {
-            truncate: self.truncate,
-            truncation_direction: self.truncation_direction,
-            prompt_name: self.prompt_name.clone(),
-        }
-    }
 }
 
 /// `POST /rerank` (and `POST /` for rerankers).
