@@ -108,6 +108,15 @@ impl Grpc {
         result
     }
 
+    /// [`Self::observed`] for a unary call.
+    async fn unary<T>(
+        &self,
+        route: &str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        self.observed(route, call).await.map(Response::new)
+    }
+
     /// A bidirectional stream answered message by message, in order; the first error ends it.
     fn each<Req, Resp, F, Fut>(
         &self,
@@ -357,8 +366,7 @@ impl Info for Grpc {
             // Tokenization runs on the runtime's blocking pool, one input after another.
             tokenization_workers: 1,
         };
-        self.observed("/tei.v1.Info/Info", async { Ok(Response::new(info)) })
-            .await
+        self.unary("/tei.v1.Info/Info", async { Ok(info) }).await
     }
 }
 
@@ -368,9 +376,8 @@ impl Embed for Grpc {
         &self,
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
-        self.observed("/tei.v1.Embed/Embed", self.embed_one(request.into_inner()))
+        self.unary("/tei.v1.Embed/Embed", self.embed_one(request.into_inner()))
             .await
-            .map(Response::new)
     }
 
     type EmbedStreamStream = BoxStream<pb::EmbedResponse>;
@@ -390,7 +397,7 @@ impl Embed for Grpc {
         &self,
         _request: Request<pb::EmbedSparseRequest>,
     ) -> Result<Response<pb::EmbedSparseResponse>, Status> {
-        self.observed("/tei.v1.Embed/EmbedSparse", async { Err(no_sparse()) })
+        self.unary("/tei.v1.Embed/EmbedSparse", async { Err(no_sparse()) })
             .await
     }
 
@@ -411,12 +418,11 @@ impl Embed for Grpc {
         &self,
         request: Request<pb::EmbedAllRequest>,
     ) -> Result<Response<pb::EmbedAllResponse>, Status> {
-        self.observed(
+        self.unary(
             "/tei.v1.Embed/EmbedAll",
             self.embed_all_one(request.into_inner()),
         )
         .await
-        .map(Response::new)
     }
 
     type EmbedAllStreamStream = BoxStream<pb::EmbedAllResponse>;
@@ -439,24 +445,22 @@ impl Predict for Grpc {
         &self,
         request: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
-        self.observed(
+        self.unary(
             "/tei.v1.Predict/Predict",
             self.predict_text(request.into_inner()),
         )
         .await
-        .map(Response::new)
     }
 
     async fn predict_pair(
         &self,
         request: Request<pb::PredictPairRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
-        self.observed(
+        self.unary(
             "/tei.v1.Predict/PredictPair",
             self.predict_text_pair(request.into_inner()),
         )
         .await
-        .map(Response::new)
     }
 
     type PredictStreamStream = BoxStream<pb::PredictResponse>;
@@ -507,9 +511,7 @@ impl Rerank for Grpc {
             self.rerank_all(req.query, req.texts, options, req.return_text)
                 .await
         };
-        self.observed("/tei.v1.Rerank/Rerank", call)
-            .await
-            .map(Response::new)
+        self.unary("/tei.v1.Rerank/Rerank", call).await
     }
 
     /// Collects the stream's (query, text) messages, then ranks them as one request.
@@ -539,9 +541,7 @@ impl Rerank for Grpc {
                 first.ok_or_else(|| Status::invalid_argument("the stream sent no text"))?;
             self.rerank_all(query, texts, options, return_text).await
         };
-        self.observed("/tei.v1.Rerank/RerankStream", call)
-            .await
-            .map(Response::new)
+        self.unary("/tei.v1.Rerank/RerankStream", call).await
     }
 }
 
@@ -551,12 +551,11 @@ impl Tokenize for Grpc {
         &self,
         request: Request<pb::EncodeRequest>,
     ) -> Result<Response<pb::EncodeResponse>, Status> {
-        self.observed(
+        self.unary(
             "/tei.v1.Tokenize/Tokenize",
             self.tokenize_one(request.into_inner()),
         )
         .await
-        .map(Response::new)
     }
 
     type TokenizeStreamStream = BoxStream<pb::EncodeResponse>;
@@ -577,9 +576,8 @@ impl Tokenize for Grpc {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
         let req = request.into_inner();
-        self.observed("/tei.v1.Tokenize/Decode", async { self.decode_one(req) })
+        self.unary("/tei.v1.Tokenize/Decode", async { self.decode_one(req) })
             .await
-            .map(Response::new)
     }
 
     type DecodeStreamStream = BoxStream<pb::DecodeResponse>;

@@ -339,26 +339,27 @@ async fn embed_all_similarity_and_decode_agree_with_embed_and_tokenize() {
     }
 }
 
-/// A copy of the MiniLM checkpoint (files linked) with e5-style prompts.
-fn checkpoint_with_prompts(dir: &Path) {
-    let src = common::minilm();
-    for entry in std::fs::read_dir(&src).unwrap() {
+/// A temporary copy of checkpoint `src` (its files linked) with `file` written as `content`.
+fn checkpoint_with(src: &Path, file: &str, content: &str) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
         let entry = entry.unwrap();
-        std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        if entry.file_name() != file {
+            std::os::unix::fs::symlink(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
     }
-    let config = dir.join("config_sentence_transformers.json");
-    std::fs::remove_file(&config).ok();
-    std::fs::write(
-        config,
-        r#"{"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "passage"}"#,
-    )
-    .unwrap();
+    std::fs::write(copy.path().join(file), content).unwrap();
+    copy
 }
 
 #[tokio::test]
 async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
-    let checkpoint = tempfile::tempdir().unwrap();
-    checkpoint_with_prompts(checkpoint.path());
+    // MiniLM with e5-style prompts.
+    let checkpoint = checkpoint_with(
+        &common::minilm(),
+        "config_sentence_transformers.json",
+        r#"{"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": "passage"}"#,
+    );
     let artifact = common::artifact(checkpoint.path(), Precision::Int8);
     let serve = |prompts: PromptArgs| {
         let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
@@ -552,17 +553,10 @@ fn classifier(precision: Precision, edit: impl FnOnce(&mut Value)) -> axum::Rout
         "minilm-classifier-test",
         "models/fetch && .venv/bin/python models/make_reranker",
     );
-    let copy = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() != "config.json" {
-            std::os::unix::fs::symlink(entry.path(), copy.path().join(entry.file_name())).unwrap();
-        }
-    }
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut config);
-    std::fs::write(copy.path().join("config.json"), config.to_string()).unwrap();
+    let copy = checkpoint_with(&src, "config.json", &config.to_string());
     let artifact = common::artifact(copy.path(), precision);
     let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
     router(&Service::new(model, Limits::default(), &PromptArgs::default()).unwrap())
