@@ -45,7 +45,10 @@ pub const FORMAT_VERSION: u32 = 3;
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Embed,
+    /// A one-label sequence classifier over (query, text) pairs: a cross-encoder.
     Rerank,
+    /// A sequence classifier with several labels (`/predict`).
+    Classify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +84,16 @@ pub struct Manifest {
     pub precision: Precision,
     /// File name (relative to the artifact directory) -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+    /// The checkpoint's sentence-transformers prompts (`prompts`, `default_prompt_name`).
+    #[serde(flatten)]
+    pub prompts: crate::prompts::Prompts,
+    /// A classifier's `id2label`, in id order (absent for embedders and rerankers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// The checkpoint's `problem_type` is `multi_label_classification`: each label's score is
+    /// its own sigmoid rather than a softmax over the labels.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub multi_label: bool,
 }
 
 fn format_1() -> u32 {
@@ -88,6 +101,15 @@ fn format_1() -> u32 {
 }
 
 impl Manifest {
+    /// Outputs of the classification head: none for an embedder, one for a reranker.
+    pub fn head_labels(&self) -> usize {
+        match self.task {
+            Task::Embed => 0,
+            Task::Rerank => 1,
+            Task::Classify => self.labels.len(),
+        }
+    }
+
     /// Reads `manifest.json` from an artifact directory, without checking the other files.
     pub fn read(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join(MANIFEST_FILE);
@@ -173,7 +195,7 @@ fn check_weights_fit(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
     );
     let has_head = content.tensor_infos.contains_key("classifier.weight");
     ensure!(
-        has_head == (manifest.task == Task::Rerank),
+        has_head == (manifest.task != Task::Embed),
         "{}: weights {} a classifier head but the manifest's task is {:?}: weights of another model",
         path.display(),
         if has_head { "have" } else { "lack" },

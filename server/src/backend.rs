@@ -34,8 +34,11 @@ impl Encoding {
 pub trait Backend: Send + Sync + 'static {
     /// Pooled sentence embeddings, not normalized (normalization is per request).
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>>;
-    /// Raw relevance logits of (query, text) pairs for a cross-encoder.
-    fn score(&self, batch: &[Encoding]) -> anyhow::Result<Vec<f32>>;
+    /// The last hidden state of every token of each input (`len x width`, row-major).
+    fn embed_tokens(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// The classification head's raw logits (one per label) of each input: a cross-encoder's
+    /// one relevance logit per (query, text) pair, a classifier's per-label logits.
+    fn classify(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>>;
 }
 
 /// Where a model runs. `Cuda` needs the `cuda` cargo feature.
@@ -52,6 +55,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub backend: Arc<dyn Backend>,
     pub device: DeviceKind,
+    /// Width of the embeddings (the hidden size).
+    pub width: usize,
 }
 
 /// Loads an artifact directory: checks the sha256 of every file the manifest lists, maps the
@@ -75,7 +80,7 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = Weights::open(&weights_path, candle_device)?;
-    let model = bert::Model::load(&weights, manifest.task == Task::Rerank)
+    let model = bert::Model::load(&weights, manifest.head_labels())
         .with_context(|| format!("{}: cannot build the model", weights_path.display()))?;
     ensure!(
         manifest.max_input_tokens <= model.config().max_position_embeddings,
@@ -84,6 +89,7 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
         manifest.max_input_tokens,
         model.config().max_position_embeddings
     );
+    let width = model.config().hidden_size;
     let backend = Arc::new(BertBackend {
         model,
         task: manifest.task,
@@ -94,6 +100,7 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
         tokenizer,
         backend,
         device,
+        width,
     })
 }
 
@@ -120,6 +127,19 @@ impl BertBackend {
         let packed = PackedBatch::new(batch)?;
         let hidden = self.model.forward(&packed.as_batch())?;
         Ok((hidden, packed.lens))
+    }
+
+    /// [`Self::encode`] as `f32` values, for an embedding model (nothing for no inputs).
+    fn embedder_states(&self, batch: &[Encoding]) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        ensure!(
+            self.task == Task::Embed,
+            "this model is a classifier: it scores, it does not embed"
+        );
+        if batch.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let (hidden, lens) = self.encode(batch)?;
+        Ok((hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, lens))
     }
 }
 
@@ -159,15 +179,7 @@ impl PackedBatch {
 
 impl Backend for BertBackend {
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
-        ensure!(
-            self.task == Task::Embed,
-            "this model is a reranker: it scores, it does not embed"
-        );
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (hidden, lens) = self.encode(batch)?;
-        let hidden: Vec<f32> = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (hidden, lens) = self.embedder_states(batch)?;
         Ok(pool(
             &hidden,
             self.model.config().hidden_size,
@@ -176,10 +188,24 @@ impl Backend for BertBackend {
         ))
     }
 
-    fn score(&self, batch: &[Encoding]) -> anyhow::Result<Vec<f32>> {
+    fn embed_tokens(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let (hidden, lens) = self.embedder_states(batch)?;
+        let width = self.model.config().hidden_size;
+        let mut rest = hidden.as_slice();
+        Ok(lens
+            .iter()
+            .map(|&len| {
+                let (input, tail) = rest.split_at(len * width);
+                rest = tail;
+                input.to_vec()
+            })
+            .collect())
+    }
+
+    fn classify(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
         ensure!(
-            self.task == Task::Rerank,
-            "this model embeds: it has no reranking head"
+            self.task != Task::Embed,
+            "this model embeds: it has no classification head"
         );
         if batch.is_empty() {
             return Ok(Vec::new());

@@ -27,6 +27,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
 
+    /// Port of the gRPC API (TEI's `tei.v1`), on the same host; off when unset.
+    #[arg(long, env = "GRPC_PORT")]
+    pub grpc_port: Option<u16>,
+
     /// `cuda` needs a build with the `cuda` feature.
     #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
@@ -41,6 +45,22 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: Limits,
+
+    #[command(flatten)]
+    pub prompts: PromptArgs,
+}
+
+/// The prompt put before text inputs whose request names none.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PromptArgs {
+    /// One of the model's prompts (`/info` lists them) [default: the checkpoint's
+    /// `default_prompt_name`].
+    #[arg(long, env = "DEFAULT_PROMPT_NAME", conflicts_with = "default_prompt")]
+    pub default_prompt_name: Option<String>,
+
+    /// A prompt text of your own.
+    #[arg(long, env = "DEFAULT_PROMPT")]
+    pub default_prompt: Option<String>,
 }
 
 /// What the HTTP layer and the queue enforce.
@@ -125,6 +145,7 @@ mod tests {
             ("model", "MODEL_DIR"),
             ("host", "HOST"),
             ("port", "PORT"),
+            ("grpc-port", "GRPC_PORT"),
             ("device", "DEVICE"),
             ("inference-threads", "INFERENCE_THREADS"),
             ("json-output", "JSON_OUTPUT"),
@@ -136,6 +157,8 @@ mod tests {
             ("payload-limit", "PAYLOAD_LIMIT"),
             ("api-key", "API_KEY"),
             ("request-timeout", "REQUEST_TIMEOUT"),
+            ("default-prompt-name", "DEFAULT_PROMPT_NAME"),
+            ("default-prompt", "DEFAULT_PROMPT"),
         ]
         .map(|(flag, env)| (flag.to_owned(), env.to_owned()));
         assert_eq!(table, expected);
@@ -161,5 +184,16 @@ mod tests {
             Some(Duration::from_millis(1500))
         );
         assert!(parse_seconds("-1").is_err() && parse_seconds("soon").is_err());
+        assert_eq!(cli.serve.grpc_port, None);
+        let both = [
+            "serve",
+            "--model",
+            "m",
+            "--default-prompt-name",
+            "query",
+            "--default-prompt",
+            "q: ",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
     }
 }

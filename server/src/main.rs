@@ -5,8 +5,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use qmodel_server::backend::load;
 use qmodel_server::config::ServeArgs;
-use qmodel_server::http::{self, App};
 use qmodel_server::quantize;
+use qmodel_server::service::Service;
+use qmodel_server::{grpc, http};
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -17,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a model artifact over HTTP (TEI and OpenAI embedding APIs).
+    /// Serve a model artifact over HTTP (TEI, OpenAI and Cohere APIs) and, with --grpc-port,
+    /// gRPC (TEI's).
     Serve(ServeArgs),
     /// Convert a Hugging Face / sentence-transformers checkpoint into a model artifact.
     Quantize(quantize::QuantizeArgs),
@@ -51,7 +53,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         }
     }
     let model = load(&args.model_dir, args.device)?;
-    let app = App::new(model, args.limits.clone())?;
+    let app = Service::new(model, args.limits.clone(), &args.prompts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,6 +63,16 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         tracing::info!(addr = %listener.local_addr()?, "listening");
+        let grpc_listener = match args.grpc_port {
+            Some(port) => {
+                let listener = tokio::net::TcpListener::bind((args.host.as_str(), port))
+                    .await
+                    .with_context(|| format!("binding {}:{port} (gRPC)", args.host))?;
+                tracing::info!(grpc_addr = %listener.local_addr()?, "gRPC listening");
+                Some(listener)
+            }
+            None => None,
+        };
 
         let (warm_up_failed, failed) = tokio::sync::oneshot::channel();
         let warming = app.clone();
@@ -72,18 +84,34 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        // Serving ends on a signal, or when warm-up failed (then with its error).
+        // Serving ends on a signal, or when warm-up failed (then with its error); both
+        // servers stop together.
         let (stop_error, stop_error_rx) = tokio::sync::oneshot::channel();
         let signal = shutdown_signal()?;
-        let stop = async move {
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
             tokio::select! {
                 () = signal => tracing::info!("shutting down: finishing accepted requests"),
                 Ok(e) = failed => {
                     let _ = stop_error.send(e);
                 }
             }
+            let _ = stopping.send(true);
+        });
+        let stop = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|&stop| stop).await;
+            }
         };
-        http::serve(app.clone(), listener, stop).await?;
+        let grpc_server = grpc_listener.map(|listener| grpc::serve(app.clone(), listener, stop()));
+        let http_server = http::serve(app.clone(), listener, stop());
+        match grpc_server {
+            Some(grpc_server) => {
+                tokio::try_join!(http_server, grpc_server)?;
+            }
+            None => http_server.await?,
+        }
         match stop_error_rx.await {
             Ok(e) => Err(e.context("warm-up failed")),
             Err(_) => Ok(()),

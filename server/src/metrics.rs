@@ -37,14 +37,17 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("qmodel_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "qmodel_requests_total",
+                "Requests (HTTP routes, gRPC methods) by route and status",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "qmodel_request_duration_seconds",
-                "HTTP request latency by route",
+                "Request latency by route (HTTP route or gRPC method)",
             )
             .buckets(duration_buckets()),
             &["route"],
@@ -114,6 +117,15 @@ impl Metrics {
             queue_depth,
             cancelled_inputs,
         }
+    }
+
+    /// One finished request (HTTP or gRPC): its latency by route, and its count by route and
+    /// status.
+    pub fn observe_request(&self, route: &str, status: &str, started: std::time::Instant) {
+        self.request_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+        self.requests.with_label_values(&[route, status]).inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -56,10 +56,16 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     let hf_config: serde_json::Value = read_json(&from.join("config.json"))?;
     let config = bert::Config::from_hf(&hf_config)
         .with_context(|| format!("{}: unsupported config", from.join("config.json").display()))?;
-    let task = task_of(&hf_config);
+    let head = head_of(&hf_config);
+    let head_labels = head.as_ref().map_or(0, |h| h.labels.len());
+    let task = match head_labels {
+        0 => Task::Embed,
+        1 => Task::Rerank,
+        _ => Task::Classify,
+    };
     let pooling = match task {
-        // A cross-encoder scores the pooled [CLS] state.
-        Task::Rerank => Pooling::Cls,
+        // A sequence classifier scores the pooled [CLS] state.
+        Task::Rerank | Task::Classify => Pooling::Cls,
         Task::Embed => pooling_of(from)?,
     };
     let max_input_tokens = max_tokens_of(from)?
@@ -77,7 +83,14 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     }
     let checkpoint = Checkpoint::load(from)?;
     let weights = args.out.join(WEIGHTS_FILE);
-    write_gguf(&checkpoint, &weights, &config, task, args.precision, None)?;
+    write_gguf(
+        &checkpoint,
+        &weights,
+        &config,
+        head_labels,
+        args.precision,
+        None,
+    )?;
     let tokenizer = args.out.join(TOKENIZER_FILE);
     std::fs::copy(from.join(TOKENIZER_FILE), &tokenizer)
         .with_context(|| format!("{}: cannot copy", from.join(TOKENIZER_FILE).display()))?;
@@ -88,7 +101,7 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
             &checkpoint,
             &weights,
             &config,
-            task,
+            head_labels,
             args.precision,
             Some(&max),
         )?;
@@ -124,6 +137,12 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         max_input_tokens,
         precision: args.precision,
         files,
+        prompts: crate::prompts::Prompts::read_checkpoint(from)?,
+        multi_label: task == Task::Classify && head.as_ref().is_some_and(|h| h.multi_label),
+        labels: match (task, head) {
+            (Task::Classify, Some(head)) => head.labels,
+            _ => Vec::new(),
+        },
     };
     manifest.write(&args.out)?;
     Ok(manifest)
@@ -148,14 +167,15 @@ fn observe_activations(
     task: Task,
     max_input_tokens: usize,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let model = bert::Model::load(&Weights::open(weights, Device::Cpu)?, task == Task::Rerank)?;
+    // Without the head: calibration observes the encoder's inputs only.
+    let model = bert::Model::load(&Weights::open(weights, Device::Cpu)?, 0)?;
     let tokenizer = Tokenizer::from_file(tokenizer, max_input_tokens)?;
     let texts: Vec<&str> = CALIBRATION_TEXTS
         .lines()
         .filter(|l| !l.is_empty())
         .collect();
     let encodings = match task {
-        Task::Embed => texts
+        Task::Embed | Task::Classify => texts
             .iter()
             .map(|t| tokenizer.encode(t, true))
             .collect::<Result<Vec<_>, _>>(),
@@ -229,7 +249,7 @@ fn write_gguf(
     checkpoint: &Checkpoint,
     out: &Path,
     config: &bert::Config,
-    task: Task,
+    head_labels: usize,
     precision: Precision,
     activation_max: Option<&[Vec<f32>]>,
 ) -> anyhow::Result<()> {
@@ -257,7 +277,7 @@ fn write_gguf(
             smoothing.insert(prefix, s.clone());
         }
     }
-    let mut quantized = bert::tensors(config, task == Task::Rerank)
+    let mut quantized = bert::tensors(config, head_labels)
         .into_iter()
         .map(|spec| {
             let name = spec.name;
@@ -321,18 +341,41 @@ fn read_optional_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Resu
     }
 }
 
-fn task_of(config: &serde_json::Value) -> Task {
+/// A sequence-classification checkpoint's head: its labels in id order (`id2label`, else
+/// `num_labels` generic names, else one), and whether they are independent (`problem_type`
+/// `multi_label_classification`). `None` for other checkpoints.
+struct Head {
+    labels: Vec<String>,
+    multi_label: bool,
+}
+
+fn head_of(config: &serde_json::Value) -> Option<Head> {
     let classifies = config["architectures"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|a| a.as_str())
         .any(|a| a.ends_with("ForSequenceClassification"));
-    if classifies {
-        Task::Rerank
-    } else {
-        Task::Embed
+    if !classifies {
+        return None;
     }
+    let mut named: Vec<(u64, String)> = config["id2label"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, label)| Some((id.parse().ok()?, label.as_str()?.to_owned())))
+        .collect();
+    named.sort();
+    let labels = if named.is_empty() {
+        let count = config["num_labels"].as_u64().unwrap_or(1);
+        (0..count).map(|i| format!("LABEL_{i}")).collect()
+    } else {
+        named.into_iter().map(|(_, label)| label).collect()
+    };
+    Some(Head {
+        labels,
+        multi_label: config["problem_type"] == "multi_label_classification",
+    })
 }
 
 #[derive(Deserialize)]

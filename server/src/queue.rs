@@ -1,5 +1,6 @@
-//! Dynamic batching. Knows nothing of HTTP or tensors: it takes tokenized inputs, groups them
-//! into batches and runs a batch function on one worker thread, off the async runtime.
+//! Dynamic batching. Knows nothing of HTTP or tensors: it takes tokenized inputs, each with the
+//! kind of work asked of it (`K`: pooled vectors, token vectors, logits), groups them into
+//! batches of one kind and runs a batch function on one worker thread, off the async runtime.
 //!
 //! Admission is bounded: a request first takes an [`Admission`] (one of
 //! `max_concurrent_requests`); when none is left the caller answers "overloaded" at once instead
@@ -18,8 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::backend::Encoding;
 use crate::metrics::Metrics;
 
-/// Runs one batch; returns one output per input, in order. Called only on the worker thread.
-pub type RunBatch<O> = Box<dyn Fn(&[Encoding]) -> anyhow::Result<Vec<O>> + Send>;
+/// Runs one batch of one kind of work; returns one output per input, in order. Called only on
+/// the worker thread.
+pub type RunBatch<K, O> = Box<dyn Fn(K, &[Encoding]) -> anyhow::Result<Vec<O>> + Send>;
 
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -48,33 +50,34 @@ pub struct Admission {
 
 type Reply<O> = mpsc::UnboundedSender<(usize, Result<O, QueueError>)>;
 
-struct Entry<O> {
+struct Entry<K, O> {
     /// Position of this input in its request.
     index: usize,
+    kind: K,
     encoding: Encoding,
     enqueued: Instant,
     reply: Reply<O>,
 }
 
-impl<O> Entry<O> {
+impl<K, O> Entry<K, O> {
     /// The requester dropped its [`Ticket`]: client gone, timed out, or another input failed.
     fn abandoned(&self) -> bool {
         self.reply.is_closed()
     }
 }
 
-struct State<O> {
-    pending: Vec<Entry<O>>,
+struct State<K, O> {
+    pending: Vec<Entry<K, O>>,
     closed: bool,
 }
 
-struct Shared<O> {
-    state: Mutex<State<O>>,
+struct Shared<K, O> {
+    state: Mutex<State<K, O>>,
     wakeup: Condvar,
 }
 
-pub struct Queue<O> {
-    shared: Arc<Shared<O>>,
+pub struct Queue<K, O> {
+    shared: Arc<Shared<K, O>>,
     admissions: Arc<Semaphore>,
     limits: QueueLimits,
     metrics: Arc<Metrics>,
@@ -105,8 +108,8 @@ impl<O> Ticket<O> {
     }
 }
 
-impl<O: Send + 'static> Queue<O> {
-    pub fn start(run: RunBatch<O>, limits: QueueLimits, metrics: Arc<Metrics>) -> Self {
+impl<K: Copy + Ord + Send + 'static, O: Send + 'static> Queue<K, O> {
+    pub fn start(run: RunBatch<K, O>, limits: QueueLimits, metrics: Arc<Metrics>) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: Vec::new(),
@@ -140,10 +143,11 @@ impl<O: Send + 'static> Queue<O> {
             .map_err(|_| QueueError::Overloaded(self.limits.max_concurrent_requests))
     }
 
-    /// Queues the inputs of one admitted request.
+    /// Queues the inputs of one admitted request, all for the same kind of work.
     pub fn submit(
         &self,
         admission: Admission,
+        kind: K,
         encodings: Vec<Encoding>,
     ) -> Result<Ticket<O>, QueueError> {
         let (reply, results) = mpsc::unbounded_channel();
@@ -162,6 +166,7 @@ impl<O: Send + 'static> Queue<O> {
                         .enumerate()
                         .map(|(index, encoding)| Entry {
                             index,
+                            kind,
                             encoding,
                             enqueued,
                             reply: reply.clone(),
@@ -197,7 +202,7 @@ impl<O: Send + 'static> Queue<O> {
     }
 }
 
-impl<O> Drop for Queue<O> {
+impl<K, O> Drop for Queue<K, O> {
     fn drop(&mut self) {
         // Without this the worker would wait on the condvar forever.
         lock(&self.shared.state).closed = true;
@@ -211,7 +216,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn work<O>(shared: &Shared<O>, run: &RunBatch<O>, limits: QueueLimits, metrics: &Metrics) {
+fn work<K: Copy + Ord, O>(
+    shared: &Shared<K, O>,
+    run: &RunBatch<K, O>,
+    limits: QueueLimits,
+    metrics: &Metrics,
+) {
     loop {
         let mut round = {
             let mut state = lock(&shared.state);
@@ -226,10 +236,10 @@ fn work<O>(shared: &Shared<O>, run: &RunBatch<O>, limits: QueueLimits, metrics: 
             }
             std::mem::take(&mut state.pending)
         };
-        // Stable: equal lengths keep arrival order.
-        round.sort_by_key(|entry| entry.encoding.len());
+        // Stable: equal kinds and lengths keep arrival order.
+        round.sort_by_key(|entry| (entry.kind, entry.encoding.len()));
         let sizes = plan_batches(
-            round.iter().map(|entry| entry.encoding.len()),
+            round.iter().map(|entry| (entry.kind, entry.encoding.len())),
             limits.max_batch_tokens,
             limits.max_batch_requests,
         );
@@ -247,7 +257,8 @@ fn work<O>(shared: &Shared<O>, run: &RunBatch<O>, limits: QueueLimits, metrics: 
     }
 }
 
-fn run_batch<O>(batch: Vec<Entry<O>>, run: &RunBatch<O>, metrics: &Metrics) {
+fn run_batch<K: Copy, O>(batch: Vec<Entry<K, O>>, run: &RunBatch<K, O>, metrics: &Metrics) {
+    let kind = batch[0].kind;
     let started = Instant::now();
     for entry in &batch {
         metrics
@@ -263,7 +274,7 @@ fn run_batch<O>(batch: Vec<Entry<O>>, run: &RunBatch<O>, metrics: &Metrics) {
         .map(|e| ((e.index, e.reply), e.encoding))
         .unzip();
     // A panicking backend fails its batch, not the server.
-    let outcome = match catch_unwind(AssertUnwindSafe(|| run(&encodings))) {
+    let outcome = match catch_unwind(AssertUnwindSafe(|| run(kind, &encodings))) {
         Ok(Ok(outputs)) if outputs.len() == encodings.len() => Ok(outputs),
         Ok(Ok(outputs)) => Err(format!(
             "backend returned {} outputs for {} inputs",
@@ -292,28 +303,30 @@ fn run_batch<O>(batch: Vec<Entry<O>>, run: &RunBatch<O>, metrics: &Metrics) {
     }
 }
 
-/// Cuts inputs, already sorted by ascending length, into consecutive batches of equal-length
-/// inputs: each holds at most `max_requests` inputs and at most `max_tokens` tokens, and at
-/// least one input even if that one alone is over budget.
+/// Cuts inputs, already sorted by kind and ascending length, into consecutive batches of inputs
+/// of one kind and one length: each holds at most `max_requests` inputs and at most
+/// `max_tokens` tokens, and at least one input even if that one alone is over budget.
 ///
 /// Equal lengths mean no padding at all, which is what makes results batch-invariant bit for
 /// bit: padding changes the float reduction order over the sequence axis (~1e-7 in f32), and
 /// int8 activation quantization turns such differences into rounding flips (~2e-3).
-fn plan_batches(
-    sorted_lengths: impl IntoIterator<Item = usize>,
+fn plan_batches<K: PartialEq>(
+    sorted: impl IntoIterator<Item = (K, usize)>,
     max_tokens: usize,
     max_requests: usize,
 ) -> Vec<usize> {
     let mut sizes = Vec::new();
-    let (mut current, mut current_len) = (0, 0);
-    for len in sorted_lengths {
+    let mut current = 0;
+    let mut current_key = None;
+    for (kind, len) in sorted {
         let full = current + 1 > max_requests || (current + 1) * len > max_tokens;
-        if current > 0 && (len != current_len || full) {
+        let key = Some((kind, len));
+        if current > 0 && (key != current_key || full) {
             sizes.push(current);
             current = 0;
         }
         current += 1;
-        current_len = len;
+        current_key = key;
     }
     if current > 0 {
         sizes.push(current);
@@ -339,8 +352,8 @@ mod tests {
     type Batches = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;
 
     /// A deterministic stand-in for a model: output = (tag, length); records every batch.
-    fn recording(batches: Batches) -> RunBatch<(u32, usize)> {
-        Box::new(move |batch: &[Encoding]| {
+    fn recording(batches: Batches) -> RunBatch<(), (u32, usize)> {
+        Box::new(move |(), batch: &[Encoding]| {
             let outputs: Vec<_> = batch.iter().map(|e| (e.ids[0], e.len())).collect();
             batches.lock().unwrap().push(outputs.clone());
             Ok(outputs)
@@ -354,11 +367,11 @@ mod tests {
         let (release, gate) = std_mpsc::channel::<()>();
         let gate = Mutex::new(gate);
         let record = recording(batches.clone());
-        let run: RunBatch<(u32, usize)> = Box::new(move |batch| {
+        let run: RunBatch<(), (u32, usize)> = Box::new(move |(), batch| {
             if batch[0].ids[0] == 0 {
                 gate.lock().unwrap().recv().unwrap();
             }
-            record(batch)
+            record((), batch)
         });
         let queue = Queue::start(run, limits, metrics);
         let first = submit(&queue, vec![encoding(1, 0)]);
@@ -374,7 +387,7 @@ mod tests {
     }
 
     struct Held {
-        queue: Queue<(u32, usize)>,
+        queue: Queue<(), (u32, usize)>,
         batches: Batches,
         first: Ticket<(u32, usize)>,
         release: std_mpsc::Sender<()>,
@@ -388,22 +401,31 @@ mod tests {
         }
     }
 
-    fn submit<O: Send + 'static>(queue: &Queue<O>, encodings: Vec<Encoding>) -> Ticket<O> {
-        queue.submit(queue.try_admit().unwrap(), encodings).unwrap()
+    fn submit<O: Send + 'static>(queue: &Queue<(), O>, encodings: Vec<Encoding>) -> Ticket<O> {
+        queue
+            .submit(queue.try_admit().unwrap(), (), encodings)
+            .unwrap()
+    }
+
+    fn plan<const N: usize>(
+        lens: [usize; N],
+        max_tokens: usize,
+        max_requests: usize,
+    ) -> Vec<usize> {
+        plan_batches(lens.map(|len| ((), len)), max_tokens, max_requests)
     }
 
     #[test]
     fn plans_batches_by_padded_tokens_and_count() {
-        assert_eq!(plan_batches([3, 3, 3, 3, 3], 100, 2), vec![2, 2, 1]);
+        assert_eq!(plan([3, 3, 3, 3, 3], 100, 2), vec![2, 2, 1]);
         // Lengths never mix; 3 x 10 = 30 fits the budget, a fourth 10 would not.
-        assert_eq!(
-            plan_batches([5, 10, 10, 10, 10, 30], 30, 100),
-            vec![1, 3, 1, 1]
-        );
-        assert_eq!(plan_batches([1, 2, 3], 100, 100), vec![1, 1, 1]);
+        assert_eq!(plan([5, 10, 10, 10, 10, 30], 30, 100), vec![1, 3, 1, 1]);
+        assert_eq!(plan([1, 2, 3], 100, 100), vec![1, 1, 1]);
         // One input over budget still runs, alone.
-        assert_eq!(plan_batches([50], 30, 100), vec![1]);
-        assert_eq!(plan_batches([], 30, 100), Vec::<usize>::new());
+        assert_eq!(plan([50], 30, 100), vec![1]);
+        assert_eq!(plan([], 30, 100), Vec::<usize>::new());
+        // Kinds never mix either, even at equal lengths.
+        assert_eq!(plan_batches([(0, 4), (0, 4), (1, 4)], 100, 100), vec![2, 1]);
     }
 
     #[tokio::test]
@@ -450,7 +472,7 @@ mod tests {
         let _b = queue.try_admit().unwrap();
         assert_eq!(queue.try_admit().err(), Some(QueueError::Overloaded(2)));
         // The admission lives as long as the ticket; finishing it frees the slot.
-        let ticket = queue.submit(a, vec![encoding(2, 7)]).unwrap();
+        let ticket = queue.submit(a, (), vec![encoding(2, 7)]).unwrap();
         assert!(queue.try_admit().is_err());
         ticket.results().await.unwrap();
         assert!(queue.try_admit().is_ok());
@@ -487,7 +509,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_or_panicking_backend_fails_its_batch_and_the_worker_lives_on() {
-        let run: RunBatch<u32> = Box::new(|batch: &[Encoding]| match batch[0].ids[0] {
+        let run: RunBatch<(), u32> = Box::new(|(), batch: &[Encoding]| match batch[0].ids[0] {
             1 => anyhow::bail!("out of memory"),
             2 => panic!("kernel bug"),
             3 => Ok(vec![]),
@@ -513,7 +535,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_finishes_what_was_queued_then_refuses() {
-        let run: RunBatch<u32> = Box::new(|batch: &[Encoding]| {
+        let run: RunBatch<(), u32> = Box::new(|(), batch: &[Encoding]| {
             std::thread::sleep(Duration::from_millis(20));
             Ok(batch.iter().map(|e| e.ids[0]).collect())
         });
@@ -528,7 +550,7 @@ mod tests {
         }
         let admission = queue.try_admit().unwrap();
         assert_eq!(
-            queue.submit(admission, vec![encoding(1, 0)]).err(),
+            queue.submit(admission, (), vec![encoding(1, 0)]).err(),
             Some(QueueError::Closed)
         );
     }

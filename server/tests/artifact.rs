@@ -149,7 +149,7 @@ fn embeds_related_sentences_closer_than_unrelated_ones() {
     let related = common::cosine(&e[0], &e[1]);
     let unrelated = common::cosine(&e[0], &e[2]);
     assert!(related > unrelated + 0.3, "{related} vs {unrelated}");
-    assert!(model.backend.score(&batch).is_err());
+    assert!(model.backend.classify(&batch).is_err());
 }
 
 /// A copy of the MiniLM checkpoint (weights linked) with `edit` applied, and quantize's error.

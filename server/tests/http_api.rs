@@ -6,6 +6,7 @@ use axum::http::{Method, StatusCode};
 use base64::Engine as _;
 use http_support::{app, call, metric, post};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::json;
 
 fn norm(v: &[f32]) -> f32 {
@@ -18,7 +19,7 @@ async fn bad_input_gets_a_json_error_with_the_right_code() {
         payload_limit: 2_000_000,
         ..Limits::default()
     };
-    let router = app(limits, true).await.router();
+    let router = router(&app(limits, true).await);
     let many: Vec<String> = (0..10_000).map(|i| format!("text {i}")).collect();
     let megabyte = "word ".repeat(200_000);
     let too_large = "x".repeat(2_100_000);
@@ -95,9 +96,9 @@ async fn bad_input_gets_a_json_error_with_the_right_code() {
             "validation",
         ),
         (
-            "OpenAI token ids",
+            "OpenAI token id outside the vocabulary",
             "/v1/embeddings",
-            br#"{"input": [[1, 2]]}"#.to_vec(),
+            br#"{"input": [[101, 99999]]}"#.to_vec(),
             422,
             "validation",
         ),
@@ -179,7 +180,7 @@ async fn bad_input_gets_a_json_error_with_the_right_code() {
 
 #[tokio::test]
 async fn embed_routes_answer_in_tei_and_openai_shapes() {
-    let router = app(Limits::default(), true).await.router();
+    let router = router(&app(Limits::default(), true).await);
     let texts = ["The cat sits on the mat.", "Rust is a systems language."];
 
     let single = post(&router, "/embed", json!({"inputs": texts[0]}))
@@ -282,7 +283,7 @@ async fn info_describes_the_model_and_the_limits() {
         max_concurrent_requests: 9,
         ..Limits::default()
     };
-    let router = app(limits, true).await.router();
+    let router = router(&app(limits, true).await);
     let info = call(&router, Method::GET, "/info", "", None).await.json();
     for (field, value) in [
         ("model_id", json!("all-MiniLM-L6-v2")),
@@ -307,7 +308,7 @@ async fn an_api_key_guards_everything_but_health_ready_and_metrics() {
         api_key: Some("s3cret".into()),
         ..Limits::default()
     };
-    let router = app(limits, true).await.router();
+    let router = router(&app(limits, true).await);
     let body = json!({"inputs": "hello"}).to_string();
     for (path, method) in [
         ("/embed", Method::POST),
@@ -333,7 +334,7 @@ async fn an_api_key_guards_everything_but_health_ready_and_metrics() {
 #[tokio::test]
 async fn ready_only_after_warm_up_and_health_while_the_worker_runs() {
     let app = app(Limits::default(), false).await;
-    let router = app.router();
+    let router = router(&app);
     let get = |path: &'static str| call(&router, Method::GET, path, "", None);
     get("/ready").await.expect_error(503, "unhealthy");
     assert_eq!(get("/health").await.status, StatusCode::OK);
@@ -350,7 +351,7 @@ async fn ready_only_after_warm_up_and_health_while_the_worker_runs() {
 
 #[tokio::test]
 async fn metrics_count_requests_and_time_every_stage() {
-    let router = app(Limits::default(), true).await.router();
+    let router = router(&app(Limits::default(), true).await);
     post(&router, "/embed", json!({"inputs": ["a b c", "d e f"]}))
         .await
         .embeddings();
@@ -388,7 +389,7 @@ async fn overload_is_refused_with_429_before_the_body_is_read() {
         max_batch_requests: 1,
         ..Limits::default()
     };
-    let router = app(limits, true).await.router();
+    let router = router(&app(limits, true).await);
     let long = "tokens and queues ".repeat(80);
     let inputs: Vec<String> = (0..32).map(|i| format!("{i} {long}")).collect();
     let body = json!({"inputs": inputs, "truncate": true}).to_string();

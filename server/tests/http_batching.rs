@@ -6,11 +6,12 @@ mod http_support;
 use http_support::common::cosine;
 use http_support::{app, metric, post, sentences};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_clients_get_batch_invariant_results() {
-    let router = app(Limits::default(), true).await.router();
+    let router = router(&app(Limits::default(), true).await);
     let texts = sentences(64);
 
     // Each input alone, one request at a time: batches of one.

@@ -1,7 +1,7 @@
 //! Property-based fuzzing of request decoding, validation and tokenization through the real
-//! router (in process, `tower::ServiceExt::oneshot`) on the int8 embedding model and the int8
-//! test reranker: arbitrary bytes, arbitrary JSON values and well-formed requests carrying
-//! arbitrary Unicode go to every route. Whatever comes in: no panic, never a 5xx, and every 4xx
+//! router (in process, `tower::ServiceExt::oneshot`) on the int8 embedding model, the int8
+//! test reranker and the int8 test classifier: arbitrary bytes, arbitrary JSON values and well-formed requests carrying
+//! arbitrary Unicode, token ids and flags go to every route (TEI's, OpenAI's, Cohere's). Whatever comes in: no panic, never a 5xx, and every 4xx
 //! is TEI's JSON error with an `error_type`.
 //!
 //! Bounded for CI (proptest's default of 256 cases per property, five properties); a longer
@@ -9,6 +9,7 @@
 
 mod http_support;
 
+use qmodel_server::http::router;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -22,10 +23,22 @@ use tower::ServiceExt;
 
 use http_support::{app_on, common};
 
-const POST_ROUTES: [&str; 5] = ["/", "/embed", "/rerank", "/v1/embeddings", "/tokenize"];
-const GET_ROUTES: [&str; 4] = ["/info", "/health", "/ready", "/metrics"];
+const POST_ROUTES: [&str; 11] = [
+    "/",
+    "/embed",
+    "/embed_all",
+    "/similarity",
+    "/rerank",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/predict",
+    "/v1/embeddings",
+    "/tokenize",
+    "/decode",
+];
+const GET_ROUTES: [&str; 5] = ["/info", "/health", "/ready", "/metrics", "/v1/models"];
 /// Field names the request types know, so generated objects often hit real fields.
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 26] = [
     "inputs",
     "input",
     "query",
@@ -38,15 +51,30 @@ const FIELDS: [&str; 12] = [
     "model",
     "add_special_tokens",
     "dimensions",
+    "truncation_direction",
+    "prompt_name",
+    "user",
+    "documents",
+    "top_n",
+    "return_documents",
+    "text",
+    "ids",
+    "skip_special_tokens",
+    "source_sentence",
+    "sentences",
+    "parameters",
+    "pair",
+    "labels",
 ];
 
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     embed: Router,
     rerank: Router,
+    classify: Router,
 }
 
-/// Both apps, built once per test binary on one runtime (their batching workers outlive a case).
+/// The three apps, built once per test binary on one runtime (their batching workers outlive a case).
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
@@ -60,23 +88,29 @@ fn fixture() -> &'static Fixture {
             max_client_batch_size: 8,
             ..Limits::default()
         };
-        let (embed, rerank) = runtime.block_on(async {
+        let (embed, rerank, classify) = runtime.block_on(async {
             let embed: Arc<_> = app_on(&common::minilm(), limits.clone(), true).await;
-            let rerank: Arc<_> = app_on(&common::reranker(), limits, true).await;
-            (embed.router(), rerank.router())
+            let rerank: Arc<_> = app_on(&common::reranker(), limits.clone(), true).await;
+            let classifier = common::checkpoint(
+                "minilm-classifier-test",
+                "models/fetch && .venv/bin/python models/make_reranker",
+            );
+            let classify: Arc<_> = app_on(&classifier, limits, true).await;
+            (router(&embed), router(&rerank), router(&classify))
         });
         Fixture {
             runtime,
             embed,
             rerank,
+            classify,
         }
     })
 }
 
-/// Sends one request to both apps and checks the invariants; `Err` names the violation.
+/// Sends one request to every app and checks the invariants; `Err` names the violation.
 fn check(method: Method, path: &str, body: Vec<u8>) -> Result<(), TestCaseError> {
     let fixture = fixture();
-    for router in [&fixture.embed, &fixture.rerank] {
+    for router in [&fixture.embed, &fixture.rerank, &fixture.classify] {
         // A path that is not a valid URI never reaches the server over the wire.
         let Ok(request) = Request::builder()
             .method(method.clone())
@@ -180,9 +214,84 @@ fn well_formed() -> impl Strategy<Value = Value> {
             .prop_map(|(input, format)| {
                 json!({"input": input, "model": "x", "encoding_format": format})
             }),
-        (one_or_many, any::<bool>()).prop_map(|(inputs, special)| {
-            json!({"inputs": inputs, "add_special_tokens": special})
+        (one_or_many.clone(), any::<bool>(), prop::option::of(text())).prop_map(
+            |(inputs, special, prompt)| {
+                json!({"inputs": inputs, "add_special_tokens": special, "prompt_name": prompt})
+            }
+        ),
+        // Token ids: in and out of the vocabulary, flat or nested, empty, mixed with text.
+        (
+            ids(),
+            direction(),
+            flag.clone(),
+            prop::option::of(0i64..400)
+        )
+            .prop_map(|(inputs, direction, truncate, dimensions)| {
+                json!({"inputs": inputs, "input": inputs, "ids": inputs,
+                       "truncation_direction": direction, "truncate": truncate,
+                       "dimensions": dimensions})
+            }),
+        // Cohere / Jina rerank: documents as strings or objects, top_n, return_documents.
+        (
+            text(),
+            prop::collection::vec(document(), 0..10),
+            prop::option::of(-2i64..12),
+            any::<bool>()
+        )
+            .prop_map(|(query, documents, top_n, return_documents)| {
+                json!({"model": "m", "query": query, "documents": documents, "top_n": top_n,
+                       "return_documents": return_documents})
+            }),
+        // /similarity and /predict.
+        (text(), texts(), prop::option::of(text())).prop_map(|(source, sentences, prompt)| {
+            json!({"inputs": {"source_sentence": source, "sentences": sentences},
+                   "parameters": {"prompt_name": prompt}})
         }),
+        (
+            prop_oneof![
+                text().prop_map(Value::from),
+                (text(), text()).prop_map(|(a, b)| json!([a, b])),
+                texts().prop_map(Value::from),
+            ],
+            any::<bool>()
+        )
+            .prop_map(|(inputs, raw_scores)| json!({"inputs": inputs, "raw_scores": raw_scores})),
+    ]
+}
+
+/// Token ids: a flat list, a list of lists, some beyond the vocabulary (30522) or `u32`,
+/// negative, or mixed with text.
+fn ids() -> impl Strategy<Value = Value> {
+    let id = prop_oneof![
+        8 => (0i64..30522).prop_map(Value::from),
+        1 => (30522i64..40000).prop_map(Value::from),
+        1 => any::<i64>().prop_map(Value::from),
+        1 => text().prop_map(Value::from),
+    ];
+    let list = prop::collection::vec(id, 0..300).prop_map(Value::Array);
+    prop_oneof![
+        list.clone(),
+        prop::collection::vec(list, 0..4).prop_map(Value::Array),
+    ]
+}
+
+fn direction() -> impl Strategy<Value = Value> {
+    prop::sample::select(vec![
+        json!("left"),
+        json!("right"),
+        json!("Left"),
+        json!("up"),
+        json!(1),
+        Value::Null,
+    ])
+}
+
+fn document() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        text().prop_map(Value::from),
+        text().prop_map(|t| json!({"text": t})),
+        Just(json!({"title": "x"})),
+        any::<i64>().prop_map(Value::from),
     ]
 }
 

@@ -85,7 +85,7 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
         ),
         (
             "manifest of an unknown task",
-            Box::new(|d| edit_manifest(d, |m| m["task"] = json!("classify"))),
+            Box::new(|d| edit_manifest(d, |m| m["task"] = json!("summarize"))),
             "manifest.json",
         ),
         (

@@ -6,6 +6,7 @@ use axum::http::Method;
 use http_support::common::reranker;
 use http_support::{app_on, call, post};
 use qmodel_server::config::Limits;
+use qmodel_server::http::router;
 use serde_json::{Value, json};
 
 const TEXTS: [&str; 4] = [
@@ -35,7 +36,7 @@ async fn rerank_answers_tei_ranks_highest_first() {
         max_client_batch_size: 4,
         ..Limits::default()
     };
-    let router = app_on(&reranker(), limits, true).await.router();
+    let router = router(&app_on(&reranker(), limits, true).await);
     let query = "What is the capital of France?";
 
     let raw = post(
@@ -103,7 +104,7 @@ async fn rerank_refuses_bad_input_and_embedding_routes() {
         max_client_batch_size: 4,
         ..Limits::default()
     };
-    let router = app_on(&reranker(), limits, true).await.router();
+    let router = router(&app_on(&reranker(), limits, true).await);
     let cases = [
         (json!({"query": "q", "texts": []}), 422, "validation"),
         (json!({"query": "", "texts": ["a"]}), 422, "validation"),

@@ -49,7 +49,8 @@ fn scores(model: &LoadedModel, groups: &[Group]) -> Vec<Vec<f32>> {
                 .iter()
                 .map(|p| model.tokenizer.encode_pair(&g.query, p, false).unwrap())
                 .collect();
-            model.backend.score(&batch).unwrap()
+            let logits = model.backend.classify(&batch).unwrap();
+            logits.into_iter().map(|l| l[0]).collect()
         })
         .collect()
 }

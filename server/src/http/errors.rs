@@ -8,73 +8,54 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use super::types::{ErrorResponse, ErrorType};
-use crate::queue::QueueError;
-use crate::tokenize::TokenizeError;
+use crate::service::Error;
 
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    error_type: ErrorType,
-    message: String,
+    error: Error,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: ErrorType, message: impl Into<String>) -> Self {
         Self {
             status,
-            error_type,
-            message: message.into(),
+            error: Error::new(error_type, message),
         }
     }
 
     /// 422: the request is well-formed HTTP but not a valid request for this API.
     pub fn validation(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorType::Validation,
-            message,
-        )
+        Error::validation(message).into()
     }
+}
 
-    /// 424: the route needs a model of another task (TEI answers "backend" here too).
-    pub fn wrong_task(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FAILED_DEPENDENCY, ErrorType::Backend, message)
+/// The status of each kind of service error.
+impl From<Error> for ApiError {
+    fn from(error: Error) -> Self {
+        let status = match error.kind {
+            ErrorType::Validation | ErrorType::Tokenizer => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorType::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorType::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            // The route needs another task, or inference failed: TEI's 424 for both.
+            ErrorType::Backend => StatusCode::FAILED_DEPENDENCY,
+            ErrorType::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorType::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorType::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorType::NotFound => StatusCode::NOT_FOUND,
+            ErrorType::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        };
+        Self { status, error }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorResponse {
-            error: self.message,
-            error_type: self.error_type,
+            error: self.error.message,
+            error_type: self.error.kind,
         };
         (self.status, axum::Json(body)).into_response()
-    }
-}
-
-impl From<QueueError> for ApiError {
-    fn from(e: QueueError) -> Self {
-        let (status, error_type) = match e {
-            QueueError::Overloaded(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorType::Overloaded),
-            QueueError::Closed => (StatusCode::SERVICE_UNAVAILABLE, ErrorType::Unhealthy),
-            QueueError::Backend(_) => (StatusCode::FAILED_DEPENDENCY, ErrorType::Backend),
-        };
-        Self::new(status, error_type, e.to_string())
-    }
-}
-
-impl From<TokenizeError> for ApiError {
-    fn from(e: TokenizeError) -> Self {
-        match e {
-            TokenizeError::TooLong { .. } => {
-                Self::validation(format!("{e}; send `truncate: true` to cut it"))
-            }
-            TokenizeError::Failed(_) => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorType::Tokenizer,
-                e.to_string(),
-            ),
-        }
     }
 }
 

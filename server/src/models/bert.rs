@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, bail, ensure};
 use candle_core::quantized::gguf_file::Value;
-use candle_core::{D, DType, Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
@@ -141,8 +141,9 @@ pub struct TensorSpec {
     pub shape: Vec<usize>,
 }
 
-/// Every tensor the model reads; `head` adds the sequence-classification head.
-pub fn tensors(config: &Config, head: bool) -> Vec<TensorSpec> {
+/// Every tensor the model reads; `labels` > 0 adds the sequence-classification head with that
+/// many outputs.
+pub fn tensors(config: &Config, labels: usize) -> Vec<TensorSpec> {
     let (h, ff) = (config.hidden_size, config.intermediate_size);
     let mut specs = Vec::new();
     let mut add = |name: String, role: Role, shape: &[usize]| {
@@ -177,10 +178,10 @@ pub fn tensors(config: &Config, head: bool) -> Vec<TensorSpec> {
         layer(&format!("{p}.output.dense"), Role::Linear, &[h, ff]);
         layer(&format!("{p}.output.LayerNorm"), Role::Plain, &[h]);
     }
-    if head {
+    if labels > 0 {
         layer("pooler.dense", Role::Linear, &[h, h]);
-        // One output row: quantizing it saves nothing and costs the score precision.
-        layer("classifier", Role::Plain, &[1, h]);
+        // A few output rows: quantizing them saves nothing and costs the score precision.
+        layer("classifier", Role::Plain, &[labels, h]);
     }
     let embeddings = [
         ("word_embeddings", Role::Embedding, config.vocab_size),
@@ -251,9 +252,11 @@ struct CandleModel {
 }
 
 impl Model {
-    pub fn load(weights: &Weights, head: bool) -> anyhow::Result<Self> {
+    /// `labels`: outputs of the classification head, 0 for none.
+    pub fn load(weights: &Weights, labels: usize) -> anyhow::Result<Self> {
         let config = Config::from_gguf(weights.metadata())?;
-        weights.check(&tensors(&config, head))?;
+        weights.check(&tensors(&config, labels))?;
+        let head = labels > 0;
         let engine = if weights.int8_on_cpu("encoder.layer.0.attention.self.query") {
             Engine::Int8(Int8Model::load(weights, &config, head)?)
         } else {
@@ -322,9 +325,9 @@ impl Model {
         Ok(())
     }
 
-    /// Relevance logits from the last hidden state of a batch with these input lengths:
-    /// classifier(tanh(pooler([CLS]))).
-    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+    /// The classifier's logits (one per label) of each input, from the last hidden state of a
+    /// batch with these input lengths: classifier(tanh(pooler([CLS]))).
+    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
         match &self.engine {
             Engine::Candle(m) => m.score(hidden, lens),
             Engine::Int8(m) => {
@@ -404,7 +407,7 @@ impl CandleModel {
         Ok(xs)
     }
 
-    fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+    fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
         let head = self
             .head
             .as_ref()
@@ -420,12 +423,7 @@ impl CandleModel {
         let cls = hidden.index_select(&Tensor::new(starts, &self.device)?, 0)?;
         let pooled = head.pooler.forward(&cls)?.tanh()?;
         let logits = head.classifier.forward(&pooled)?;
-        ensure!(
-            logits.dim(D::Minus1)? == 1,
-            "the classifier has {} labels, a reranker needs 1",
-            logits.dim(D::Minus1)?
-        );
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
     }
 }
 
@@ -521,9 +519,9 @@ struct Int8Layer {
 
 struct Int8Head {
     pooler: Int8Linear,
-    /// `[hidden]`: the single-label classifier row, and its bias.
+    /// `[labels, hidden]`: the classifier's rows, and their biases.
     classifier: Vec<f32>,
-    classifier_bias: f32,
+    classifier_bias: Vec<f32>,
 }
 
 /// A pointer the attention tasks write disjoint parts of.
@@ -611,12 +609,10 @@ impl Int8Model {
             })
             .collect::<anyhow::Result<_>>()?;
         let head = if head {
-            let classifier = weights.values("classifier.weight")?;
-            let bias = weights.values("classifier.bias")?;
             Some(Int8Head {
                 pooler: weights.int8_linear("pooler.dense", Activations::PerToken)?,
-                classifier,
-                classifier_bias: bias[0],
+                classifier: weights.values("classifier.weight")?,
+                classifier_bias: weights.values("classifier.bias")?,
             })
         } else {
             None
@@ -691,7 +687,7 @@ impl Int8Model {
         Ok(x)
     }
 
-    fn score(&self, hidden: &[f32], h: usize, lens: &[usize]) -> anyhow::Result<Vec<f32>> {
+    fn score(&self, hidden: &[f32], h: usize, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
         let head = self
             .head
             .as_ref()
@@ -708,11 +704,12 @@ impl Int8Model {
         Ok(pooled
             .chunks_exact(h)
             .map(|row| {
-                row.iter()
-                    .zip(&head.classifier)
-                    .map(|(x, w)| x.tanh() * w)
-                    .sum::<f32>()
-                    + head.classifier_bias
+                let row: Vec<f32> = row.iter().map(|x| x.tanh()).collect();
+                head.classifier
+                    .chunks_exact(h)
+                    .zip(&head.classifier_bias)
+                    .map(|(w, b)| row.iter().zip(w).map(|(x, w)| x * w).sum::<f32>() + b)
+                    .collect()
             })
             .collect())
     }

@@ -18,7 +18,8 @@ use http_body_util::BodyExt;
 use qmodel_server::artifact::Precision;
 use qmodel_server::backend::{DeviceKind, load};
 use qmodel_server::config::Limits;
-use qmodel_server::http::App;
+use qmodel_server::config::PromptArgs;
+use qmodel_server::service::Service;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -31,14 +32,19 @@ pub fn minilm_int8() -> tempfile::TempDir {
 }
 
 /// An in-process app on the int8 MiniLM; warmed up (ready) when `warm`.
-pub async fn app(limits: Limits, warm: bool) -> Arc<App> {
+pub async fn app(limits: Limits, warm: bool) -> Arc<Service> {
     app_on(&common::minilm(), limits, warm).await
 }
 
 /// An in-process app on the int8 artifact of `checkpoint`.
-pub async fn app_on(checkpoint: &Path, limits: Limits, warm: bool) -> Arc<App> {
+pub async fn app_on(checkpoint: &Path, limits: Limits, warm: bool) -> Arc<Service> {
     let dir = common::artifact(checkpoint, Precision::Int8);
-    let app = App::new(load(dir.path(), DeviceKind::Cpu).unwrap(), limits).unwrap();
+    let app = Service::new(
+        load(dir.path(), DeviceKind::Cpu).unwrap(),
+        limits,
+        &PromptArgs::default(),
+    )
+    .unwrap();
     if warm {
         app.warm_up().await.unwrap();
     }
