@@ -3,7 +3,8 @@
 //! Layout (after text-embeddings-inference): `artifact` (on-disk model format), `quantize`
 //! (checkpoint -> artifact), `models` (one file per model family, tensors only), `backend`
 //! (the one interface the serving side sees), `tokenize`, `queue` (dynamic batcher), `http`
-//! (routes and wire types; knows nothing of tensors).
+//! (routes and wire types; knows nothing of tensors), `threads` (the compute thread budget from
+//! the container's CPU limit).
 
 pub mod artifact;
 pub mod backend;
@@ -13,4 +14,5 @@ pub mod metrics;
 pub mod models;
 pub mod quantize;
 pub mod queue;
+pub mod threads;
 pub mod tokenize;

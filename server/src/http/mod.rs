@@ -32,6 +32,7 @@ use crate::backend::{DeviceKind, Encoding, LoadedModel};
 use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::queue::{Admission, Queue, QueueError, QueueLimits, Ticket};
+use crate::threads::ComputeThreads;
 use crate::tokenize::{Token, TokenizeError, Tokenizer};
 
 /// The model's queue; its output type follows the model's task.
@@ -73,12 +74,17 @@ pub struct App {
     /// sha256 of the API key: comparing digests in constant time hides the key's length too.
     api_key_digest: Option<[u8; 32]>,
     metrics: Arc<Metrics>,
+    compute_threads: ComputeThreads,
     ready: AtomicBool,
 }
 
 impl App {
     /// Starts the batching worker. Not ready until [`App::warm_up`] has run.
-    pub fn new(model: LoadedModel, limits: Limits) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        model: LoadedModel,
+        limits: Limits,
+        compute_threads: ComputeThreads,
+    ) -> anyhow::Result<Arc<Self>> {
         let LoadedModel {
             manifest,
             tokenizer,
@@ -128,6 +134,7 @@ impl App {
             limits,
             api_key_digest,
             metrics,
+            compute_threads,
             ready: AtomicBool::new(false),
         }))
     }
@@ -156,9 +163,14 @@ impl App {
         Ok(())
     }
 
+    /// `/ready` answers 503 from now on; every other route keeps serving.
+    pub fn withdraw_readiness(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Finishes queued work and stops the batching worker (blocks until it has).
     pub fn shutdown(&self) {
-        self.ready.store(false, Ordering::Release);
+        self.withdraw_readiness();
         self.engine.shutdown();
     }
 
@@ -472,6 +484,8 @@ async fn info(State(app): State<Arc<App>>) -> Json<Info> {
         max_client_batch_size: l.max_client_batch_size,
         max_concurrent_requests: l.max_concurrent_requests,
         auto_truncate: l.auto_truncate,
+        compute_threads: app.compute_threads.count,
+        compute_threads_reason: app.compute_threads.reason.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }

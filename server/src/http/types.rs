@@ -152,6 +152,9 @@ pub struct Info {
     pub max_client_batch_size: usize,
     pub max_concurrent_requests: usize,
     pub auto_truncate: bool,
+    /// Threads of the compute pools, and why that many (see [`crate::threads`]).
+    pub compute_threads: usize,
+    pub compute_threads_reason: String,
     /// Version of qmodel-server.
     pub version: String,
 }

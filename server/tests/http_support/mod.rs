@@ -19,6 +19,7 @@ use qmodel_server::artifact::Precision;
 use qmodel_server::backend::{DeviceKind, load};
 use qmodel_server::config::Limits;
 use qmodel_server::http::App;
+use qmodel_server::threads::ComputeThreads;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -38,7 +39,8 @@ pub async fn app(limits: Limits, warm: bool) -> Arc<App> {
 /// An in-process app on the int8 artifact of `checkpoint`.
 pub async fn app_on(checkpoint: &Path, limits: Limits, warm: bool) -> Arc<App> {
     let dir = common::artifact(checkpoint, Precision::Int8);
-    let app = App::new(load(dir.path(), DeviceKind::Cpu).unwrap(), limits).unwrap();
+    let threads = ComputeThreads::detect(None);
+    let app = App::new(load(dir.path(), DeviceKind::Cpu).unwrap(), limits, threads).unwrap();
     if warm {
         app.warm_up().await.unwrap();
     }
@@ -140,7 +142,21 @@ impl Server {
     /// Starts the binary with `env` (configuration by environment variables, as a deployment
     /// does) and waits for it to listen.
     pub fn start(model: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+        Self::start_under(&[], model, env)
+    }
+
+    /// [`Server::start`] run through `wrapper` (e.g. `taskset -c 0`), when non-empty.
+    pub fn start_under(wrapper: &[&str], model: &Path, env: &[(&str, &str)]) -> Self {
+        let binary = env!("CARGO_BIN_EXE_qmodel-server");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .arg("serve")
             .env("MODEL_DIR", model)
             .env("HOST", "127.0.0.1")
