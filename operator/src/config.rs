@@ -233,7 +233,8 @@ gpuProfiles:
     #[test]
     fn termination_must_leave_time_to_drain() {
         let config =
-            OperatorConfig::from_yaml("termination: {preStopSleepSeconds: 10}\n", "c.yaml").unwrap();
+            OperatorConfig::from_yaml("termination: {preStopSleepSeconds: 10}\n", "c.yaml")
+                .unwrap();
         assert_eq!(config.termination.pre_stop_sleep_seconds, 10);
         assert_eq!(config.termination.termination_grace_period_seconds, 30);
         let err = OperatorConfig::from_yaml(
@@ -242,7 +243,13 @@ gpuProfiles:
         )
         .unwrap_err();
         assert!(
-            matches!(err, ConfigError::TerminationTooShort { total: 30, stop: 30 }),
+            matches!(
+                err,
+                ConfigError::TerminationTooShort {
+                    total: 30,
+                    stop: 30
+                }
+            ),
             "{err}"
         );
     }

@@ -421,9 +421,12 @@ mod tests {
         /// The list of the model's pods by its selector; answers with `pods`.
         async fn list_pods(&mut self, pods: Value) {
             let uri = "/api/v1/namespaces/ml/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dbge%2Capp.kubernetes.io%2Fname%3Dqmodel-server%2Cserving.qmodel.dev%2Fmodel%3Dbge";
-            self.expect(Method::GET, uri, StatusCode::OK, |_| {
-                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods})
-            })
+            self.expect(
+                Method::GET,
+                uri,
+                StatusCode::OK,
+                |_| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}),
+            )
             .await;
         }
 

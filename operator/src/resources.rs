@@ -674,7 +674,10 @@ mod tests {
             .and_then(|l| l.pre_stop.as_ref())
             .unwrap();
         assert_eq!(pre_stop.sleep.as_ref().map(|s| s.seconds), Some(5));
-        assert!(pre_stop.exec.is_none(), "the image has no shell or sleep binary");
+        assert!(
+            pre_stop.exec.is_none(),
+            "the image has no shell or sleep binary"
+        );
         let security = container.security_context.as_ref().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.run_as_non_root, Some(true));

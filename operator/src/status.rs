@@ -127,9 +127,8 @@ pub fn pod_failure(pods: &[Pod], version: &str) -> Option<PodFailure> {
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
         .collect();
-    let of_version = |pod: &Pod| {
-        pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version)
-    };
+    let of_version =
+        |pod: &Pod| pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version);
     pods.sort_by_key(|pod| (!of_version(pod), pod.name_any()));
     pods.into_iter().find_map(|pod| {
         let name = pod.name_any();
@@ -273,8 +272,14 @@ pub fn status(
                 ),
             };
             // The most specific cause first: a stuck pod says why a deadline passed.
-            let degraded = match (pod_failure(pods, &version), &rollout, replica_failure(deployment)) {
-                (Some(failure), _, _) => condition(DEGRADED, true, &failure.reason, failure.message),
+            let degraded = match (
+                pod_failure(pods, &version),
+                &rollout,
+                replica_failure(deployment),
+            ) {
+                (Some(failure), _, _) => {
+                    condition(DEGRADED, true, &failure.reason, failure.message)
+                }
                 (None, Rollout::Stalled(message), _) => {
                     condition(DEGRADED, true, PROGRESS_DEADLINE_EXCEEDED, message.clone())
                 }
@@ -492,7 +497,11 @@ mod tests {
     }
 
     fn running(name: &str, version: &str) -> Pod {
-        pod(name, version, json!({"ready": true, "state": {"running": {}}}))
+        pod(
+            name,
+            version,
+            json!({"ready": true, "state": {"running": {}}}),
+        )
     }
 
     fn pulling_fails(name: &str, version: &str, reason: &str) -> Pod {
@@ -681,7 +690,11 @@ mod tests {
     #[test]
     fn pod_failures_name_their_cause() {
         assert_eq!(pod_failure(&[running("bge-a", "2.0.0")], "2.0.0"), None);
-        let starting = pod("bge-b", "2.0.0", json!({"state": {"waiting": {"reason": "ContainerCreating"}}}));
+        let starting = pod(
+            "bge-b",
+            "2.0.0",
+            json!({"state": {"waiting": {"reason": "ContainerCreating"}}}),
+        );
         assert_eq!(pod_failure(&[starting], "2.0.0"), None, "still starting");
 
         for reason in ["ErrImagePull", "ImagePullBackOff"] {
@@ -719,12 +732,18 @@ mod tests {
     fn the_desired_versions_pods_are_judged_first_and_terminating_ones_not_at_all() {
         let mut leaving = crash_looping("bge-a", "1.0.0");
         leaving.metadata.deletion_timestamp = Some(at(5));
-        assert_eq!(pod_failure(&[leaving, running("bge-b", "2.0.0")], "2.0.0"), None);
+        assert_eq!(
+            pod_failure(&[leaving, running("bge-b", "2.0.0")], "2.0.0"),
+            None
+        );
         let pods = [
             crash_looping("bge-a", "1.0.0"),
             pulling_fails("bge-z", "2.0.0", "ErrImagePull"),
         ];
-        assert_eq!(pod_failure(&pods, "2.0.0").unwrap().reason, IMAGE_PULL_BACK_OFF);
+        assert_eq!(
+            pod_failure(&pods, "2.0.0").unwrap().reason,
+            IMAGE_PULL_BACK_OFF
+        );
         assert_eq!(
             pod_failure(&pods[..1], "2.0.0").unwrap().reason,
             CRASH_LOOP_BACK_OFF,
@@ -744,16 +763,30 @@ mod tests {
             message: Some("timed out".into()),
             ..DeploymentCondition::default()
         }]);
-        let pods = [running("bge-old", "1.0.0"), crash_looping("bge-new", "2.0.0")];
+        let pods = [
+            running("bge-old", "1.0.0"),
+            crash_looping("bge-new", "2.0.0"),
+        ];
         let status = observe_with_pods(&qm, stuck, &pods, &at(10));
         assert_eq!(condition(&status, DEGRADED), ("True", CRASH_LOOP_BACK_OFF));
-        assert!(find(&status, DEGRADED).unwrap().message.contains("sha256 mismatch"));
+        assert!(
+            find(&status, DEGRADED)
+                .unwrap()
+                .message
+                .contains("sha256 mismatch")
+        );
         assert_eq!(condition(&status, AVAILABLE), ("True", "ReplicasAvailable"));
         assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
         let published = events(qm.status.as_ref(), &status);
         assert_eq!(reasons(&published), [CRASH_LOOP_BACK_OFF]);
         assert_eq!(published[0].type_, EventType::Warning);
-        assert!(published[0].note.as_deref().unwrap().contains("exited with code 1"));
+        assert!(
+            published[0]
+                .note
+                .as_deref()
+                .unwrap()
+                .contains("exited with code 1")
+        );
 
         let mut qm = qm;
         qm.status = Some(status.clone());
@@ -764,12 +797,18 @@ mod tests {
         // The pull failure of a missing image, through its two alternating kubelet states.
         let qm = rolling_from_1_to_2();
         let pull = |reason| {
-            let pods = [running("bge-old", "1.0.0"), pulling_fails("bge-new", "2.0.0", reason)];
+            let pods = [
+                running("bge-old", "1.0.0"),
+                pulling_fails("bge-new", "2.0.0", reason),
+            ];
             observe_with_pods(&qm, deployment_status(2, 2, 1, 1), &pods, &at(30))
         };
         let (first, second) = (pull("ErrImagePull"), pull("ImagePullBackOff"));
         assert_eq!(condition(&first, DEGRADED), ("True", IMAGE_PULL_BACK_OFF));
-        assert_eq!(reasons(&events(qm.status.as_ref(), &first)), [IMAGE_PULL_BACK_OFF]);
+        assert_eq!(
+            reasons(&events(qm.status.as_ref(), &first)),
+            [IMAGE_PULL_BACK_OFF]
+        );
         assert!(events(Some(&first), &second).is_empty());
     }
 

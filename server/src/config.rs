@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 
 use crate::backend::DeviceKind;
 
@@ -33,7 +33,7 @@ pub struct ServeArgs {
 
     /// Threads for CPU inference; when unset, the CPUs the container may use (its cgroup CPU
     /// limit and CPU affinity), not the node's core count.
-    #[arg(long, env = "INFERENCE_THREADS", value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    #[arg(long, env = "INFERENCE_THREADS", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub inference_threads: Option<usize>,
 
     /// Seconds between SIGTERM and draining: `/ready` answers 503 at once while requests are
@@ -170,11 +170,20 @@ mod tests {
             Some(Duration::from_millis(1500))
         );
         assert!(parse_seconds("-1").is_err() && parse_seconds("soon").is_err());
-        let graced =
-            Cli::try_parse_from(["serve", "--model", "m", "--shutdown-grace", "5", "--inference-threads", "2"])
-                .unwrap();
+        let graced = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "m",
+            "--shutdown-grace",
+            "5",
+            "--inference-threads",
+            "2",
+        ])
+        .unwrap();
         assert_eq!(graced.serve.shutdown_grace, Duration::from_secs(5));
         assert_eq!(graced.serve.inference_threads, Some(2));
-        assert!(Cli::try_parse_from(["serve", "--model", "m", "--inference-threads", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["serve", "--model", "m", "--inference-threads", "0"]).is_err()
+        );
     }
 }

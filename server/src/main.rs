@@ -44,7 +44,6 @@ fn main() -> ExitCode {
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(args.json_output);
     let threads = ComputeThreads::detect(args.inference_threads);
-    tracing::info!(threads = threads.count, reason = %threads.reason, "compute threads");
     // SAFETY: no other thread exists yet (the runtime is built below), so nothing can read
     // the environment concurrently. candle and rayon size their pools from
     // RAYON_NUM_THREADS, the int8 kernels' pool from QMODEL_THREADS.
@@ -53,6 +52,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         std::env::set_var("QMODEL_THREADS", threads.count.to_string());
     }
     let model = load(&args.model_dir, args.device)?;
+    // Logged only now: a server that cannot load prints nothing but its one-line error (the
+    // pod's termination message).
+    tracing::info!(threads = threads.count, reason = %threads.reason, "compute threads");
     let app = App::new(model, args.limits.clone(), threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

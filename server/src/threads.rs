@@ -112,9 +112,7 @@ fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
             let (root, mount_point) = (*mount.get(3)?, *mount.get(4)?);
             let hierarchy = match *fs.first()? {
                 "cgroup2" => Hierarchy::V2,
-                "cgroup" if fs.get(2)?.split(',').any(|option| option == "cpu") => {
-                    Hierarchy::V1Cpu
-                }
+                "cgroup" if fs.get(2)?.split(',').any(|option| option == "cpu") => Hierarchy::V1Cpu,
                 _ => return None,
             };
             Some(CgroupMount {
@@ -204,20 +202,20 @@ pub fn decide(
             reason: "--inference-threads".to_owned(),
         };
     }
+    let by_affinity = |cpus| ComputeThreads {
+        count: cpus,
+        reason: "CPU affinity (Cpus_allowed_list)".to_owned(),
+    };
     match (affinity, limit) {
-        (affinity, Some(limit)) if affinity.is_none_or(|cpus| limit.quota.cpus() <= cpus) => {
-            ComputeThreads {
-                count: limit.quota.cpus(),
-                reason: format!(
-                    "CPU limit {}/{} us per period ({})",
-                    limit.quota.quota_us, limit.quota.period_us, limit.source
-                ),
-            }
-        }
-        (Some(cpus), _) => ComputeThreads {
-            count: cpus,
-            reason: "CPU affinity (Cpus_allowed_list)".to_owned(),
+        (Some(cpus), Some(limit)) if cpus < limit.quota.cpus() => by_affinity(cpus),
+        (_, Some(limit)) => ComputeThreads {
+            count: limit.quota.cpus(),
+            reason: format!(
+                "CPU limit {}/{} us per period ({})",
+                limit.quota.quota_us, limit.quota.period_us, limit.source
+            ),
         },
+        (Some(cpus), None) => by_affinity(cpus),
         (None, None) => ComputeThreads {
             count: fallback.max(1),
             reason: "available parallelism".to_owned(),
@@ -309,7 +307,8 @@ mod tests {
 31 30 0:27 /k8s.io/abc /sys/fs/cgroup/cpu,cpuacct ro,nosuid master:9 - cgroup cgroup rw,cpu,cpuacct
 32 30 0:28 /k8s.io/abc /sys/fs/cgroup/memory ro,nosuid - cgroup cgroup rw,memory
 ";
-        let cgroup = "5:memory:/k8s.io/abc\n4:cpu,cpuacct:/k8s.io/abc\n1:name=systemd:/k8s.io/abc\n";
+        let cgroup =
+            "5:memory:/k8s.io/abc\n4:cpu,cpuacct:/k8s.io/abc\n1:name=systemd:/k8s.io/abc\n";
         let limit = cgroup_limit(
             cgroup,
             mountinfo,
@@ -320,7 +319,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(limit.quota.cpus(), 1);
-        assert!(limit.source.contains("cpu,cpuacct/cpu.cfs_quota_us"), "{}", limit.source);
+        assert!(
+            limit.source.contains("cpu,cpuacct/cpu.cfs_quota_us"),
+            "{}",
+            limit.source
+        );
     }
 
     #[test]
@@ -365,7 +368,11 @@ mod tests {
             ),
             None
         );
-        assert_eq!(cgroup_limit("0::/\n", "", files(&[])), None, "no cgroup mount");
+        assert_eq!(
+            cgroup_limit("0::/\n", "", files(&[])),
+            None,
+            "no cgroup mount"
+        );
     }
 
     #[test]
@@ -379,7 +386,11 @@ mod tests {
         };
         let one = decide(None, Some(16), Some(&limit), 64);
         assert_eq!(one.count, 1);
-        assert!(one.reason.starts_with("CPU limit 100000/100000"), "{}", one.reason);
+        assert!(
+            one.reason.starts_with("CPU limit 100000/100000"),
+            "{}",
+            one.reason
+        );
         assert_eq!(decide(None, Some(2), None, 64).count, 2);
         let pinned = decide(
             None,
@@ -393,10 +404,16 @@ mod tests {
             }),
             64,
         );
-        assert_eq!((pinned.count, pinned.reason.as_str()), (2, "CPU affinity (Cpus_allowed_list)"));
+        assert_eq!(
+            (pinned.count, pinned.reason.as_str()),
+            (2, "CPU affinity (Cpus_allowed_list)")
+        );
         assert_eq!(decide(None, None, None, 64).count, 64);
         assert_eq!(decide(None, None, None, 0).count, 1);
         let told = decide(Some(3), Some(2), Some(&limit), 64);
-        assert_eq!((told.count, told.reason.as_str()), (3, "--inference-threads"));
+        assert_eq!(
+            (told.count, told.reason.as_str()),
+            (3, "--inference-threads")
+        );
     }
 }

@@ -259,7 +259,7 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     let model = minilm_int8();
-    let mut server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "4")]);
+    let server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "4")]);
     server.wait_ready().await;
     let texts = sentences(32);
     let clients: Vec<_> = (0..8)
@@ -300,7 +300,10 @@ async fn exit_status(mut server: Server) -> std::process::ExitStatus {
             if let Some(status) = server.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "still running 30 s after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "still running 30 s after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -326,7 +329,11 @@ async fn sigterm_withdraws_readiness_but_serves_through_the_grace_period() {
             ready.expect_error(503, "unhealthy");
             break;
         }
-        assert!(Instant::now() < deadline, "/ready still {} after SIGTERM", ready.status);
+        assert!(
+            Instant::now() < deadline,
+            "/ready still {} after SIGTERM",
+            ready.status
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let body = json!({"inputs": sentences(4)}).to_string();
@@ -346,7 +353,10 @@ async fn sigterm_withdraws_readiness_but_serves_through_the_grace_period() {
         "exited {:?} after SIGTERM, before the grace period ended",
         signalled.elapsed()
     );
-    assert!(std::net::TcpStream::connect(&addr).is_err(), "still accepting");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still accepting"
+    );
 }
 
 /// Compute threads follow the CPUs the process may use, not the machine's core count, and
@@ -358,7 +368,12 @@ async fn compute_threads_follow_the_cpu_affinity_or_the_flag() {
         server.wait_ready().await;
         server.request("GET", "/info", "").await.json()
     };
-    let pinned = info(Server::start_under(&["taskset", "-c", "0"], model.path(), &[])).await;
+    let pinned = info(Server::start_under(
+        &["taskset", "-c", "0"],
+        model.path(),
+        &[],
+    ))
+    .await;
     assert_eq!(pinned["compute_threads"], 1, "{pinned}");
     assert!(
         pinned["compute_threads_reason"]

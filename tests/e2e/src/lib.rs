@@ -3,6 +3,9 @@
 //! operator binary run locally as the chart's ServiceAccount so the chart's RBAC is what is tested.
 //!
 //! Nothing here skips: without a reachable cluster every test fails with the reason.
+//! [`real_node`] adds what the tests of pods that really run need.
+
+pub mod real_node;
 
 use std::fmt::Display;
 use std::fs::{self, File};
@@ -35,7 +38,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Where operator logs and generated kubeconfigs go; kept after the run for post-mortems.
-fn work_dir() -> PathBuf {
+pub(crate) fn work_dir() -> PathBuf {
     let dir = repo_root().join("target/e2e");
     fs::create_dir_all(&dir).expect("creating target/e2e");
     dir
