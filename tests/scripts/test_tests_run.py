@@ -23,7 +23,9 @@ COMMANDS = [
     ".venv/bin/python",
     "tests/cluster/build",
     "tests/cluster/up",
+    "tests/cluster/node-check",
     "tests/cluster/down",
+    "tests/cluster/check-clean",
     "tests/image/run",
     "bin/cargo",
 ]
@@ -73,10 +75,19 @@ def run_tests_run(tmp_path: Path, fail_call: str):
 def test_every_step_runs_when_nothing_fails(tmp_path):
     result, calls = run_tests_run(tmp_path, fail_call="(nothing)")
     assert result.returncode == 0, result.stderr
-    order = [c.split()[0] + (" " + c.split()[1] if c.startswith("cargo") else "") for c in calls]
+    order = [
+        c.split()[0] + (" " + c.split()[1] if c.startswith(("cargo", "tests/cluster/check-clean")) else "")
+        for c in calls
+    ]
     assert order.index("tests/cluster/build") < order.index("tests/cluster/up")
+    assert order.index("tests/cluster/check-clean snapshot") < order.index("tests/cluster/up")
     assert order.index("cargo build") < order.index("tests/cluster/up") < order.index("cargo test")
-    assert order[-2:] == ["tests/image/run", "tests/cluster/down"], order
+    assert order.index("tests/cluster/up") < order.index("tests/cluster/node-check") < order.index("cargo test")
+    # After the e2e tests: down, then the check that it left nothing; the exit trap is gone by then.
+    last_test = len(order) - 1 - order[::-1].index("cargo test")
+    assert order[last_test + 1 : last_test + 3] == ["tests/cluster/down", "tests/cluster/check-clean compare"], order
+    assert order.count("tests/cluster/down") == 1, order
+    assert order[-1] == "tests/image/run", order
 
 
 @pytest.mark.parametrize(
@@ -85,9 +96,12 @@ def test_every_step_runs_when_nothing_fails(tmp_path):
         ("models/fetch", "Model checkpoint"),
         ("cargo clippy", "Format and lint"),
         ("cargo build", "Build (release, all targets)"),
-        ("tests/cluster/build", "Control plane binaries"),
-        ("tests/cluster/up", "Control plane for the end-to-end tests"),
+        ("tests/cluster/build", "Control plane and real-node binaries"),
+        ("tests/cluster/check-clean snapshot", "Cluster for the end-to-end tests"),
+        ("tests/cluster/up", "Cluster for the end-to-end tests"),
+        ("tests/cluster/node-check", "Real node"),
         ("cargo test", "Rust tests"),
+        ("tests/cluster/check-clean compare", "Cluster down leaves nothing behind"),
         ("tests/image/run", "Baked image"),
     ],
 )
@@ -98,6 +112,8 @@ def test_a_failing_step_stops_the_run_there(tmp_path, fail_call, step):
     failed_at = next(i for i, c in enumerate(calls) if c.startswith(fail_call))
     after = [c for c in calls[failed_at + 1 :] if not c.startswith("tests/cluster/down")]
     assert after == [], f"tests/run went on after {fail_call} failed: {after}"
-    # Once tests/cluster/up was called, the exit trap tears the cluster down whatever failed.
+    # Once tests/cluster/up was called, the cluster is torn down whatever failed: by the exit trap,
+    # or by the down step itself when the check after it failed.
     if any(c.startswith("tests/cluster/up") for c in calls):
-        assert calls[-1].startswith("tests/cluster/down"), calls
+        up = next(i for i, c in enumerate(calls) if c.startswith("tests/cluster/up"))
+        assert any(c.startswith("tests/cluster/down") for c in calls[up + 1 :]), calls
