@@ -413,11 +413,12 @@ impl ClientPod {
 
     /// `POST url` with a JSON body from inside the cluster (busybox wget); the response body.
     pub fn post(&self, url: &str, body: &str) -> Result<String, String> {
+        // busybox's own `wget -T` crashes on this node; `timeout` bounds the call instead.
         self.exec(&[
+            "timeout",
+            "30",
             "wget",
             "-q",
-            "-T",
-            "30",
             "-O",
             "-",
             "--header",
