@@ -93,6 +93,7 @@ fn bake_and_load() -> Result<Images, String> {
     };
     let (server, operator) = (binary("qmodel-server")?, binary("qmodel-operator")?);
     let dir = work_dir().join("images");
+    std::fs::create_dir_all(&dir).map_err(|error| format!("creating {dir:?}: {error}"))?;
     let started = Instant::now();
     let mut layouts: Vec<PathBuf> = Vec::new();
     let operator_layout = dir.join("operator");
@@ -251,14 +252,25 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-/// `GET /info` of whichever replica the Service picks.
+/// `GET /info` of whichever replica the Service picks; retried for a minute, since kube-proxy
+/// programs a new Service's rules a moment after its pods are Ready.
 pub async fn info(addr: &str) -> Value {
-    let (status, body) = http(addr, "GET", "/info", "")
-        .await
-        .unwrap_or_else(|error| panic!("GET /info: {error}"));
-    assert_eq!(status, 200, "GET /info: {body}");
-    serde_json::from_str(&body)
-        .unwrap_or_else(|error| panic!("/info is not JSON ({error}): {body}"))
+    wait_for(
+        &format!("GET /info through {addr}"),
+        Duration::from_secs(60),
+        || async {
+            let answer =
+                tokio::time::timeout(Duration::from_secs(2), http(addr, "GET", "/info", ""))
+                    .await
+                    .map_err(|_| "no answer within 2 s".to_owned())?;
+            match answer? {
+                (200, body) => serde_json::from_str::<Value>(&body)
+                    .map_err(|error| format!("/info is not JSON ({error}): {body}")),
+                (status, body) => Err(format!("{status}: {body}")),
+            }
+        },
+    )
+    .await
 }
 
 /// Requests sent continuously through a Service from the host, counting every answer.
