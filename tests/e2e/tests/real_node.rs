@@ -23,8 +23,8 @@ const ROLLOUT: Duration = Duration::from_secs(180);
 
 /// The real node's test environment: the node is there, the images are loaded, and this test
 /// has it to itself.
-async fn real_env(test: &str) -> (TestEnv, std::sync::MutexGuard<'static, ()>) {
-    let turn = real_node::exclusive();
+async fn real_env(test: &str) -> (TestEnv, tokio::sync::MutexGuard<'static, ()>) {
+    let turn = real_node::exclusive().await;
     let env = TestEnv::new(test).await;
     require_real_node(&env).await;
     real_node::images();
