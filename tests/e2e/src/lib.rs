@@ -46,16 +46,20 @@ pub(crate) fn work_dir() -> PathBuf {
 
 /// Runs a command to completion; its stdout, or an error naming the command and its stderr.
 pub fn command(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Result<String, String> {
-    let program = program.as_ref();
-    let output = Command::new(program)
-        .args(args)
+    run(Command::new(program).args(args))
+}
+
+/// [`command`] for a prepared [`Command`] (environment, paths as arguments); stdin is closed.
+pub fn run(command: &mut Command) -> Result<String, String> {
+    let output = command
+        .stdin(Stdio::null())
         .output()
-        .map_err(|error| format!("running {program:?}: {error}"))?;
+        .map_err(|error| format!("running {command:?}: {error}"))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(format!(
-            "{program:?} {args:?} failed ({}): {}",
+            "{command:?} failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         ))

@@ -7,7 +7,7 @@
 //! every test using it fails with the reason.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{TestEnv, command, repo_root, wait_for, work_dir};
+use crate::{TestEnv, command, repo_root, run, wait_for, work_dir};
 
 /// The real node's label and taint key (tests/cluster/README.md).
 pub const REAL_NODE_KEY: &str = "qmodel.dev/real-node";
@@ -99,11 +99,9 @@ fn bake_and_load() -> Result<Images, String> {
     let started = Instant::now();
     let mut layouts: Vec<PathBuf> = Vec::new();
     let operator_layout = dir.join("operator");
-    run_script(
-        Command::new(root.join("models/bake-operator"))
-            .arg(&operator_layout)
-            .env("QMODEL_OPERATOR", &operator),
-    )?;
+    run(Command::new(root.join("models/bake-operator"))
+        .arg(&operator_layout)
+        .env("QMODEL_OPERATOR", &operator))?;
     layouts.push(operator_layout);
     for (version, corrupt) in [("1", false), ("2", false), (CORRUPT_VERSION, true)] {
         let layout = dir.join(format!("server-{version}"));
@@ -115,12 +113,12 @@ fn bake_and_load() -> Result<Images, String> {
         if corrupt {
             bake.env("CORRUPT_ARTIFACT", "1");
         }
-        run_script(&mut bake)?;
+        run(&mut bake)?;
         layouts.push(layout);
     }
     let mut load = Command::new(root.join("tests/cluster/load-image"));
     load.args(&layouts);
-    let loaded = run_script(&mut load)?;
+    let loaded = run(&mut load)?;
     eprintln!(
         "real node: baked and loaded {} images in {:.1} s:\n{}",
         layouts.len(),
@@ -135,22 +133,6 @@ fn bake_and_load() -> Result<Images, String> {
 /// The chart's appVersion, which `models/bake-operator` tags by default, is the workspace version.
 fn workspace_version() -> String {
     env!("CARGO_PKG_VERSION").to_owned()
-}
-
-fn run_script(command: &mut Command) -> Result<String, String> {
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|error| format!("running {command:?}: {error}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{command:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
 }
 
 /// A QuantizedModel of the baked MiniLM image on the real node: small requests (the node has

@@ -341,16 +341,23 @@ async fn roll_out_under_load(
     (load.stop().await, rollout)
 }
 
+/// A model of `replicas` pods at version 1 on the real node, served by this test's operator,
+/// all of them Ready; the operator (kept running while the returned value lives) and the pods.
+async fn serving(env: &TestEnv, name: &str, replicas: usize) -> (qmodel_e2e::Operator, Vec<Pod>) {
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    env.apply_model(&real_model(name, "1", json!({"replicas": replicas})))
+        .await
+        .unwrap();
+    env.wait_ready(name, "1", START).await;
+    let pods = ready_pods(env, name, "1", replicas).await;
+    (operator, pods)
+}
+
 #[tokio::test]
 async fn version_rollout_under_load_fails_no_request() {
     let (env, _turn) = real_env("rollout").await;
-    let mut operator = env.operator("op");
-    operator.wait_ready().await;
-    env.apply_model(&real_model("rolling", "1", json!({"replicas": 2})))
-        .await
-        .unwrap();
-    env.wait_ready("rolling", "1", START).await;
-    ready_pods(&env, "rolling", "1", 2).await;
+    let _operator = serving(&env, "rolling", 2).await;
 
     let (report, rollout) = roll_out_under_load(&env, "rolling", 2, "2").await;
     eprintln!("BENCHMARK rollout 1 -> 2 (2 replicas): {rollout:.1} s to Ready at 2");
@@ -366,13 +373,7 @@ async fn version_rollout_under_load_fails_no_request() {
 #[tokio::test]
 async fn deleting_a_pod_of_two_replicas_under_load_fails_no_request() {
     let (env, _turn) = real_env("podkill").await;
-    let mut operator = env.operator("op");
-    operator.wait_ready().await;
-    env.apply_model(&real_model("pair", "1", json!({"replicas": 2})))
-        .await
-        .unwrap();
-    env.wait_ready("pair", "1", START).await;
-    let pods = ready_pods(&env, "pair", "1", 2).await;
+    let (_operator, pods) = serving(&env, "pair", 2).await;
     let victim = pods[0].metadata.name.clone().unwrap();
 
     let addr = cluster_ip(&env, "pair").await;
