@@ -25,6 +25,32 @@ pub struct OperatorConfig {
     pub gpu_profiles: BTreeMap<String, GpuProfile>,
     /// Resources of CPU models that set none.
     pub default_cpu_resources: ResourceRequirements,
+    /// How a server pod stops without failing a request; see [`Termination`].
+    pub termination: Termination,
+}
+
+/// The stop sequence of a server pod. The kubelet runs the `preStop` sleep first, while the
+/// endpoints controller and kube-proxy take the terminating pod out of the Service; then
+/// SIGTERM: the server answers `/ready` with 503 but keeps serving for its grace period
+/// (`--shutdown-grace`, for load balancers that only watch readiness), then stops accepting and
+/// finishes what it accepted. The kubelet kills it `terminationGracePeriodSeconds` after the
+/// start of the sequence, so that must exceed the sum with room for the drain.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct Termination {
+    pub pre_stop_sleep_seconds: i64,
+    pub server_grace_seconds: i64,
+    pub termination_grace_period_seconds: i64,
+}
+
+impl Default for Termination {
+    fn default() -> Self {
+        Self {
+            pre_stop_sleep_seconds: 5,
+            server_grace_seconds: 2,
+            termination_grace_period_seconds: 30,
+        }
+    }
 }
 
 /// Where and how GPU pods run, as KubeAI's resource profiles.
@@ -59,6 +85,7 @@ impl Default for OperatorConfig {
                 limits: Some(quantities(&[("memory", "2Gi")])),
                 ..ResourceRequirements::default()
             },
+            termination: Termination::default(),
         }
     }
 }
@@ -77,6 +104,10 @@ pub enum ConfigError {
     },
     #[error("operator config: default GPU profile {0:?} is not among gpuProfiles")]
     MissingDefaultProfile(String),
+    #[error(
+        "operator config: termination.terminationGracePeriodSeconds ({total}) must exceed preStopSleepSeconds + serverGraceSeconds ({stop})"
+    )]
+    TerminationTooShort { total: i64, stop: i64 },
 }
 
 impl OperatorConfig {
@@ -97,6 +128,17 @@ impl OperatorConfig {
             return Err(ConfigError::MissingDefaultProfile(
                 config.default_gpu_profile,
             ));
+        }
+        let termination = &config.termination;
+        let stop = termination.pre_stop_sleep_seconds + termination.server_grace_seconds;
+        if termination.pre_stop_sleep_seconds < 0
+            || termination.server_grace_seconds < 0
+            || termination.termination_grace_period_seconds <= stop
+        {
+            return Err(ConfigError::TerminationTooShort {
+                total: termination.termination_grace_period_seconds,
+                stop,
+            });
         }
         Ok(config)
     }
@@ -171,6 +213,7 @@ gpuProfiles:
             defaults.default_cpu_resources
         );
         assert_eq!(example.default_gpu_profile, defaults.default_gpu_profile);
+        assert_eq!(example.termination, defaults.termination);
         assert_eq!(
             example.gpu_profiles["default"],
             defaults.gpu_profiles["default"]
@@ -185,6 +228,30 @@ gpuProfiles:
     fn default_profile_must_exist() {
         let err = OperatorConfig::from_yaml("defaultGpuProfile: a100\n", "c.yaml").unwrap_err();
         assert!(matches!(err, ConfigError::MissingDefaultProfile(name) if name == "a100"));
+    }
+
+    #[test]
+    fn termination_must_leave_time_to_drain() {
+        let config =
+            OperatorConfig::from_yaml("termination: {preStopSleepSeconds: 10}\n", "c.yaml")
+                .unwrap();
+        assert_eq!(config.termination.pre_stop_sleep_seconds, 10);
+        assert_eq!(config.termination.termination_grace_period_seconds, 30);
+        let err = OperatorConfig::from_yaml(
+            "termination: {preStopSleepSeconds: 20, serverGraceSeconds: 10}\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::TerminationTooShort {
+                    total: 30,
+                    stop: 30
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -105,11 +105,17 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
         }
         Ok(desired) => {
             let deployment = apply(&model, &desired, &namespace, &ctx).await?;
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            let pods = pods
+                .list(&ListParams::default().labels(&desired.selector))
+                .await?
+                .items;
             let status = status::status(
                 &model,
                 &Observation::Applied {
                     desired: &desired,
                     deployment: &deployment,
+                    pods: &pods,
                 },
                 &now,
             );
@@ -240,7 +246,7 @@ pub async fn run(
     .await;
 }
 
-/// Backoff of the controller's watches. One backoff pauses the merged stream of all four
+/// Backoff of the controller's watches. One backoff pauses the merged stream of all five
 /// watches, so after an apiserver outage every watch's 410/reconnect error adds a pause:
 /// kube's default (up to 30 s, reset after 120 s quiet) kept the operator blind for minutes.
 /// A 5 s cap is still gentle on a struggling apiserver.
@@ -291,7 +297,25 @@ async fn run_scope(
         scoped::<Service>(client.clone(), namespace),
         managed.clone(),
     )
-    .owns(scoped::<PodDisruptionBudget>(client, namespace), managed)
+    .owns(
+        scoped::<PodDisruptionBudget>(client.clone(), namespace),
+        managed,
+    )
+    // Pods belong to ReplicaSets, not to the model: they map to it by their model label. A
+    // pod that cannot pull its image or keeps crashing changes its status but not the
+    // Deployment's, and Degraded must say so.
+    .watches(
+        scoped::<Pod>(client, namespace),
+        watcher::Config::default().labels(&format!(
+            "{}={}",
+            resources::NAME_LABEL,
+            resources::SERVER_NAME
+        )),
+        |pod| {
+            let model = pod.labels().get(resources::MODEL_LABEL)?;
+            Some(ObjectRef::<QuantizedModel>::new(model).within(&pod.namespace()?))
+        },
+    )
     .trigger_backoff(trigger_backoff())
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)
@@ -392,6 +416,18 @@ mod tests {
                 .await;
             assert_eq!(body["kind"], "QuantizedModel");
             serde_json::from_value(body["status"].clone()).unwrap()
+        }
+
+        /// The list of the model's pods by its selector; answers with `pods`.
+        async fn list_pods(&mut self, pods: Value) {
+            let uri = "/api/v1/namespaces/ml/pods?&labelSelector=app.kubernetes.io%2Finstance%3Dbge%2Capp.kubernetes.io%2Fname%3Dqmodel-server%2Cserving.qmodel.dev%2Fmodel%3Dbge";
+            self.expect(
+                Method::GET,
+                uri,
+                StatusCode::OK,
+                |_| json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}),
+            )
+            .await;
         }
 
         async fn event(&mut self) -> Value {
@@ -498,6 +534,7 @@ mod tests {
                     |_| not_found(),
                 )
                 .await;
+                api.list_pods(json!([])).await;
                 let status = api.apply_status().await;
                 assert_eq!(condition(&status, "Progressing"), ("True", "RollingOut"));
                 assert_eq!(status.desired_version.as_deref(), Some("1.0.0"));
@@ -542,6 +579,7 @@ mod tests {
             api.apply_service().await;
             let budget = api.apply("/apis/policy/v1", "poddisruptionbudgets", json!({})).await;
             assert_eq!(budget["spec"]["maxUnavailable"], 1);
+            api.list_pods(json!([])).await;
             let status = api.apply_status().await;
             assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
             assert_eq!(status.desired_version.as_deref(), Some("2.0.0"));
@@ -569,6 +607,7 @@ mod tests {
             &Observation::Applied {
                 desired: &desired,
                 deployment: &deployment,
+                pods: &[],
             },
             &now,
         ));
@@ -580,6 +619,7 @@ mod tests {
         let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
             api.apply_deployment(stored).await;
             api.apply_service().await;
+            api.list_pods(json!([])).await;
             api
         })
         .await;
@@ -600,6 +640,7 @@ mod tests {
             }]);
             api.apply_deployment(stored).await;
             api.apply_service().await;
+            api.list_pods(json!([])).await;
             let status = api.apply_status().await;
             assert_eq!(
                 condition(&status, "Degraded"),
@@ -619,6 +660,61 @@ mod tests {
         })
         .await;
         assert_eq!(result.unwrap(), Action::requeue(RESYNC));
+    }
+
+    #[tokio::test]
+    async fn a_crash_looping_new_version_is_degraded_with_its_termination_message() {
+        let qm = rolling_from_1_to_2();
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let mut stored = rolled_out(4, 1);
+            stored["status"]["replicas"] = json!(2);
+            api.apply_deployment(stored).await;
+            api.apply_service().await;
+            let server = |version: &str, state: Value| {
+                let mut container = json!({
+                    "name": "server",
+                    "image": format!("ghcr.io/qmodel/qmodel-server:{version}-int8"),
+                    "imageID": "",
+                    "ready": false,
+                    "restartCount": 2,
+                });
+                merge(&mut container, state);
+                json!({
+                    "metadata": {
+                        "name": format!("bge-{version}"),
+                        "namespace": "ml",
+                        "labels": {
+                            "serving.qmodel.dev/model": "bge",
+                            "serving.qmodel.dev/model-version": version,
+                        },
+                    },
+                    "status": {"containerStatuses": [container]},
+                })
+            };
+            api.list_pods(json!([
+                server("1.0.0", json!({"ready": true, "state": {"running": {}}})),
+                server("2.0.0", json!({
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": "qmodel-server: model.gguf: truncated"}},
+                })),
+            ]))
+            .await;
+            let status = api.apply_status().await;
+            assert_eq!(condition(&status, "Degraded"), ("True", "CrashLoopBackOff"));
+            assert_eq!(condition(&status, "Available"), ("True", "ReplicasAvailable"));
+            let event = api.event().await;
+            assert_eq!(
+                (event["reason"].as_str(), event["type"].as_str()),
+                (Some("CrashLoopBackOff"), Some("Warning"))
+            );
+            assert_eq!(
+                event["note"],
+                "pod bge-2.0.0 (version 2.0.0): container server exited with code 1: qmodel-server: model.gguf: truncated"
+            );
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
     }
 
     #[tokio::test]

@@ -8,9 +8,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-    Service, ServicePort, ServiceSpec as CoreServiceSpec, Toleration, Volume, VolumeMount,
+    Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec as CoreServiceSpec,
+    SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -18,8 +19,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::config::OperatorConfig;
-use crate::crd::{Device, Precision, QuantizedModel, QuantizedModelSpec};
+use crate::config::{OperatorConfig, Termination};
+use crate::crd::{Device, Precision, PullPolicy, QuantizedModel, QuantizedModelSpec};
 
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
@@ -151,7 +152,15 @@ pub fn desired_state(
         ..ObjectMeta::default()
     };
     Ok(DesiredState {
-        deployment: deployment(spec, metadata.clone(), &name, &image, device, placement),
+        deployment: deployment(
+            spec,
+            metadata.clone(),
+            &name,
+            &image,
+            device,
+            placement,
+            &config.termination,
+        ),
         service: service(spec, metadata.clone(), &name),
         pod_disruption_budget: (spec.replicas > 1).then(|| pod_disruption_budget(metadata, &name)),
         endpoint: endpoint(&name, &namespace, spec.service.port),
@@ -300,6 +309,7 @@ fn deployment(
     image: &str,
     device: Device,
     placement: Placement,
+    termination: &Termination,
 ) -> Deployment {
     let version = &spec.model.version;
     let mut pod_labels = selector_labels(name);
@@ -315,16 +325,22 @@ fn deployment(
         device.server_flag().to_owned(),
         "--port".to_owned(),
         CONTAINER_PORT.to_string(),
+        "--shutdown-grace".to_owned(),
+        termination.server_grace_seconds.to_string(),
     ];
     args.extend(spec.args.iter().cloned());
 
     let container = Container {
         name: CONTAINER_NAME.to_owned(),
         image: Some(image.to_owned()),
-        image_pull_policy: spec
-            .image
-            .pull_policy
-            .map(|policy| policy.as_str().to_owned()),
+        // Explicit, so a moving tag never makes every pod start pull from the registry.
+        image_pull_policy: Some(
+            spec.image
+                .pull_policy
+                .unwrap_or(PullPolicy::IfNotPresent)
+                .as_str()
+                .to_owned(),
+        ),
         args: Some(args),
         ports: Some(vec![ContainerPort {
             name: Some(PORT_NAME.to_owned()),
@@ -335,12 +351,30 @@ fn deployment(
         env: (!spec.env.is_empty()).then(|| spec.env.clone()),
         resources: Some(placement.resources),
         // Loading and warming a model can take minutes; the startup probe holds off liveness
-        // until /ready first succeeds.
-        startup_probe: Some(http_probe("/ready", 5, 60)),
-        readiness_probe: Some(http_probe("/ready", 5, 3)),
+        // until /ready first succeeds, checking every second so a new pod takes traffic (and
+        // a rollout moves on) about a second after it is ready. Readiness then follows each
+        // second, tolerating three slow answers from a busy replica before it is taken out.
+        startup_probe: Some(http_probe("/ready", 1, 600)),
+        readiness_probe: Some(http_probe("/ready", 1, 3)),
         liveness_probe: Some(http_probe("/health", 10, 3)),
+        // Keep the pod in its endpoints' "terminating" state long enough for every
+        // kube-proxy to stop sending it new connections before SIGTERM. The kubelet's own
+        // sleep: the distroless image has no `sleep` binary to exec.
+        lifecycle: (termination.pre_stop_sleep_seconds > 0).then(|| Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: termination.pre_stop_sleep_seconds,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
+        // A server that fails at start prints one line naming the cause; the kubelet makes it
+        // the container's termination message, which the model's Degraded condition quotes.
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
+            privileged: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
             capabilities: Some(Capabilities {
@@ -376,6 +410,7 @@ fn deployment(
         }),
         // The server never talks to the Kubernetes API.
         automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(termination.termination_grace_period_seconds),
         service_account_name: spec.service_account_name.clone(),
         priority_class_name: spec.priority_class_name.clone(),
         image_pull_secrets: (!spec.image.pull_secrets.is_empty())
@@ -595,8 +630,15 @@ mod tests {
                 "--device",
                 "cpu",
                 "--port",
-                "8080"
+                "8080",
+                "--shutdown-grace",
+                "2"
             ]
+        );
+        assert_eq!(container.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        assert_eq!(
+            container.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
         );
         assert_eq!(
             container.resources,
@@ -624,8 +666,22 @@ mod tests {
             probe_path(&container.liveness_probe).as_deref(),
             Some("/health")
         );
+        let readiness = container.readiness_probe.as_ref().unwrap();
+        assert_eq!(readiness.period_seconds, Some(1));
+        let pre_stop = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .unwrap();
+        assert_eq!(pre_stop.sleep.as_ref().map(|s| s.seconds), Some(5));
+        assert!(
+            pre_stop.exec.is_none(),
+            "the image has no shell or sleep binary"
+        );
         let security = container.security_context.as_ref().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.privileged, Some(false));
         assert_eq!(security.allow_privilege_escalation, Some(false));
         assert_eq!(
             security.capabilities.as_ref().unwrap().drop.as_deref(),
@@ -637,8 +693,11 @@ mod tests {
         );
 
         let pod = pod_spec(&state);
+        assert_eq!(pod.termination_grace_period_seconds, Some(30));
+        assert_eq!(pod.automount_service_account_token, Some(false));
         let pod_security = pod.security_context.as_ref().unwrap();
         assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(pod_security.run_as_user, Some(65532));
         assert_eq!(
             pod_security.seccomp_profile.as_ref().unwrap().type_,
             "RuntimeDefault"
@@ -659,6 +718,26 @@ mod tests {
             deployment.metadata.owner_references
         );
         assert_eq!(state.pod_disruption_budget, None);
+    }
+
+    #[test]
+    fn the_stop_sequence_follows_the_operator_config() {
+        let config = OperatorConfig {
+            termination: Termination {
+                pre_stop_sleep_seconds: 0,
+                server_grace_seconds: 7,
+                termination_grace_period_seconds: 60,
+            },
+            ..OperatorConfig::default()
+        };
+        let state = desired_state(&model(json!({})), &config).unwrap();
+        let container = server(&state);
+        assert_eq!(container.lifecycle, None, "no preStop sleep of 0 s");
+        assert_eq!(
+            container.args.as_ref().unwrap()[7..9],
+            ["--shutdown-grace", "7"]
+        );
+        assert_eq!(pod_spec(&state).termination_grace_period_seconds, Some(60));
     }
 
     #[test]
@@ -771,7 +850,7 @@ mod tests {
         assert_eq!(state.endpoint, "http://bge.ml.svc.cluster.local:9000");
         let container = server(&state);
         assert_eq!(container.image_pull_policy.as_deref(), Some("Always"));
-        assert_eq!(container.args.as_ref().unwrap()[7..], ["--max-batch", "32"]);
+        assert_eq!(container.args.as_ref().unwrap()[9..], ["--max-batch", "32"]);
         assert_eq!(container.env.as_ref().unwrap()[0].name, "RUST_LOG");
         assert_eq!(
             container.resources.as_ref().unwrap().requests,

@@ -2,11 +2,13 @@
 //! from a status change to the Events worth publishing.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{QuantizedModel, QuantizedModelStatus};
-use crate::resources::{DesiredState, SpecError};
+use crate::resources::{CONTAINER_NAME, DesiredState, MODEL_VERSION_KEY, SpecError};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -18,6 +20,16 @@ pub const AVAILABLE: &str = "Available";
 const INVALID_SPEC: &str = "InvalidSpec";
 const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
 const ROLLING_OUT: &str = "RollingOut";
+/// Degraded reasons naming why a pod's server container cannot run; also the Event reasons.
+pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
+pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
+/// Other waiting reasons of the kubelet that only a change of the spec or image can fix.
+const CONTAINER_CANNOT_START: &[&str] = &[
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "InvalidImageName",
+    "RunContainerError",
+];
 
 /// What one reconcile saw.
 pub enum Observation<'a> {
@@ -28,6 +40,8 @@ pub enum Observation<'a> {
     Applied {
         desired: &'a DesiredState,
         deployment: &'a Deployment,
+        /// The model's pods (its selector), of every version.
+        pods: &'a [Pod],
     },
 }
 
@@ -96,6 +110,80 @@ fn replica_failure(deployment: &Deployment) -> Option<(String, String)> {
     ))
 }
 
+/// Why a pod of the model cannot serve: the kubelet's reason and a message naming the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFailure {
+    pub reason: String,
+    pub message: String,
+}
+
+/// The first pod (by name, the desired version's first) whose server container is stuck: its
+/// image cannot be pulled (`ErrImagePull` and `ImagePullBackOff` alternate; both are reported
+/// as `ImagePullBackOff`), it crashes over and over (`CrashLoopBackOff`, with the exit code and
+/// termination message of its last run), or the kubelet cannot create it. Messages avoid the
+/// kubelet's changing back-off details, so one cause makes one Event.
+pub fn pod_failure(pods: &[Pod], version: &str) -> Option<PodFailure> {
+    let mut pods: Vec<&Pod> = pods
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .collect();
+    let of_version =
+        |pod: &Pod| pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version);
+    pods.sort_by_key(|pod| (!of_version(pod), pod.name_any()));
+    pods.into_iter().find_map(|pod| {
+        let name = pod.name_any();
+        let pod_version = pod.labels().get(MODEL_VERSION_KEY).cloned().unwrap_or_default();
+        let container = pod
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .find(|c| c.name == CONTAINER_NAME)?;
+        let waiting = container.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        match reason {
+            "ErrImagePull" | IMAGE_PULL_BACK_OFF => Some(PodFailure {
+                reason: IMAGE_PULL_BACK_OFF.to_owned(),
+                message: format!(
+                    "pod {name} (version {pod_version}) cannot pull image {}",
+                    container.image
+                ),
+            }),
+            CRASH_LOOP_BACK_OFF => {
+                let last = container
+                    .last_state
+                    .as_ref()
+                    .and_then(|state| state.terminated.as_ref());
+                let exit = last.map_or_else(
+                    || "keeps exiting".to_owned(),
+                    |t| format!("exited with code {}", t.exit_code),
+                );
+                let said = last
+                    .and_then(|t| t.message.as_deref())
+                    .map(str::trim)
+                    .filter(|m| !m.is_empty())
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                Some(PodFailure {
+                    reason: CRASH_LOOP_BACK_OFF.to_owned(),
+                    message: format!(
+                        "pod {name} (version {pod_version}): container {CONTAINER_NAME} {exit}{said}"
+                    ),
+                })
+            }
+            other if CONTAINER_CANNOT_START.contains(&other) => Some(PodFailure {
+                reason: other.to_owned(),
+                message: format!(
+                    "pod {name} (version {pod_version}): {}",
+                    waiting.message.as_deref().unwrap_or(other)
+                ),
+            }),
+            _ => None,
+        }
+    })
+}
+
 /// The status after this reconcile. Condition transition times and the last fully rolled-out
 /// version carry over from the previous status.
 pub fn status(
@@ -145,6 +233,7 @@ pub fn status(
         Observation::Applied {
             desired,
             deployment,
+            pods,
         } => {
             let deployment_status = deployment.status.clone().unwrap_or_default();
             let replicas = deployment
@@ -182,12 +271,20 @@ pub fn status(
                     format!("version {version} rolled out"),
                 ),
             };
-            let degraded = match (&rollout, replica_failure(deployment)) {
-                (Rollout::Stalled(message), _) => {
+            // The most specific cause first: a stuck pod says why a deadline passed.
+            let degraded = match (
+                pod_failure(pods, &version),
+                &rollout,
+                replica_failure(deployment),
+            ) {
+                (Some(failure), _, _) => {
+                    condition(DEGRADED, true, &failure.reason, failure.message)
+                }
+                (None, Rollout::Stalled(message), _) => {
                     condition(DEGRADED, true, PROGRESS_DEADLINE_EXCEEDED, message.clone())
                 }
-                (_, Some((reason, message))) => condition(DEGRADED, true, &reason, message),
-                (_, None) => condition(DEGRADED, false, "AsExpected", String::new()),
+                (None, _, Some((reason, message))) => condition(DEGRADED, true, &reason, message),
+                (None, _, None) => condition(DEGRADED, false, "AsExpected", String::new()),
             };
             let available_replicas = deployment_status.available_replicas.unwrap_or_default();
             let available = condition(
@@ -298,8 +395,10 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
         });
         if !already_reported {
             let reason = match degraded.reason.as_str() {
-                INVALID_SPEC => "InvalidSpec",
+                INVALID_SPEC => INVALID_SPEC,
                 PROGRESS_DEADLINE_EXCEEDED => "RolloutStalled",
+                cause @ (IMAGE_PULL_BACK_OFF | CRASH_LOOP_BACK_OFF) => cause,
+                cause if CONTAINER_CANNOT_START.contains(&cause) => cause,
                 _ => "ReplicaFailure",
             };
             events.push(event(EventType::Warning, reason, degraded.message.clone()));
@@ -353,14 +452,79 @@ mod tests {
     }
 
     fn observe(qm: &QuantizedModel, status: DeploymentStatus, now: &Time) -> QuantizedModelStatus {
+        observe_with_pods(qm, status, &[], now)
+    }
+
+    fn observe_with_pods(
+        qm: &QuantizedModel,
+        status: DeploymentStatus,
+        pods: &[Pod],
+        now: &Time,
+    ) -> QuantizedModelStatus {
         let (desired, deployment) = applied(qm, 2, status);
         super::status(
             qm,
             &Observation::Applied {
                 desired: &desired,
                 deployment: &deployment,
+                pods,
             },
             now,
+        )
+    }
+
+    /// A pod of `version` whose server container has `container_status` (a core/v1
+    /// ContainerStatus as JSON, name and image filled in).
+    fn pod(name: &str, version: &str, container_status: serde_json::Value) -> Pod {
+        let defaults = json!({
+            "name": "server",
+            "image": format!("ghcr.io/qmodel/qmodel-server:{version}-int8"),
+            "imageID": "",
+            "ready": false,
+            "restartCount": 0,
+        });
+        let mut status = defaults;
+        crate::testing::merge(&mut status, container_status);
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name,
+                "namespace": "ml",
+                "labels": {"serving.qmodel.dev/model": "bge", MODEL_VERSION_KEY: version},
+            },
+            "status": {"containerStatuses": [status]},
+        }))
+        .unwrap()
+    }
+
+    fn running(name: &str, version: &str) -> Pod {
+        pod(
+            name,
+            version,
+            json!({"ready": true, "state": {"running": {}}}),
+        )
+    }
+
+    fn pulling_fails(name: &str, version: &str, reason: &str) -> Pod {
+        pod(
+            name,
+            version,
+            json!({"state": {"waiting": {"reason": reason, "message": format!("{reason}: not found {name}")}}}),
+        )
+    }
+
+    fn crash_looping(name: &str, version: &str) -> Pod {
+        pod(
+            name,
+            version,
+            json!({
+                "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+                "lastState": {"terminated": {
+                    "exitCode": 1,
+                    "reason": "Error",
+                    "message": "qmodel-server: model.gguf: sha256 mismatch\n",
+                }},
+            }),
         )
     }
 
@@ -521,6 +685,131 @@ mod tests {
         assert_eq!(reasons(&published), ["RolloutStalled"]);
         assert_eq!(published[0].type_, EventType::Warning);
         assert!(events(Some(&stalled), &stalled).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn pod_failures_name_their_cause() {
+        assert_eq!(pod_failure(&[running("bge-a", "2.0.0")], "2.0.0"), None);
+        let starting = pod(
+            "bge-b",
+            "2.0.0",
+            json!({"state": {"waiting": {"reason": "ContainerCreating"}}}),
+        );
+        assert_eq!(pod_failure(&[starting], "2.0.0"), None, "still starting");
+
+        for reason in ["ErrImagePull", "ImagePullBackOff"] {
+            let failure = pod_failure(&[pulling_fails("bge-c", "2.0.0", reason)], "2.0.0").unwrap();
+            assert_eq!(
+                failure,
+                PodFailure {
+                    reason: IMAGE_PULL_BACK_OFF.to_owned(),
+                    message: "pod bge-c (version 2.0.0) cannot pull image ghcr.io/qmodel/qmodel-server:2.0.0-int8"
+                        .to_owned(),
+                },
+                "{reason}: one message whatever the back-off state, so one Event"
+            );
+        }
+
+        let crash = pod_failure(&[crash_looping("bge-d", "2.0.0")], "2.0.0").unwrap();
+        assert_eq!(crash.reason, CRASH_LOOP_BACK_OFF);
+        assert_eq!(
+            crash.message,
+            "pod bge-d (version 2.0.0): container server exited with code 1: qmodel-server: model.gguf: sha256 mismatch"
+        );
+
+        let config = pod(
+            "bge-e",
+            "2.0.0",
+            json!({"state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"key\" not found"}}}),
+        );
+        assert_eq!(
+            pod_failure(&[config], "2.0.0").unwrap().message,
+            "pod bge-e (version 2.0.0): secret \"key\" not found"
+        );
+    }
+
+    #[test]
+    fn the_desired_versions_pods_are_judged_first_and_terminating_ones_not_at_all() {
+        let mut leaving = crash_looping("bge-a", "1.0.0");
+        leaving.metadata.deletion_timestamp = Some(at(5));
+        assert_eq!(
+            pod_failure(&[leaving, running("bge-b", "2.0.0")], "2.0.0"),
+            None
+        );
+        let pods = [
+            crash_looping("bge-a", "1.0.0"),
+            pulling_fails("bge-z", "2.0.0", "ErrImagePull"),
+        ];
+        assert_eq!(
+            pod_failure(&pods, "2.0.0").unwrap().reason,
+            IMAGE_PULL_BACK_OFF
+        );
+        assert_eq!(
+            pod_failure(&pods[..1], "2.0.0").unwrap().reason,
+            CRASH_LOOP_BACK_OFF,
+            "a broken old version is a failure too"
+        );
+    }
+
+    #[test]
+    fn a_stuck_new_version_is_degraded_with_the_pod_cause_while_the_old_one_serves() {
+        let qm = rolling_from_1_to_2();
+        let mut stuck = deployment_status(2, 2, 1, 1);
+        // Past the deadline too: the pod's cause is the more useful reason.
+        stuck.conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some(PROGRESS_DEADLINE_EXCEEDED.into()),
+            message: Some("timed out".into()),
+            ..DeploymentCondition::default()
+        }]);
+        let pods = [
+            running("bge-old", "1.0.0"),
+            crash_looping("bge-new", "2.0.0"),
+        ];
+        let status = observe_with_pods(&qm, stuck, &pods, &at(10));
+        assert_eq!(condition(&status, DEGRADED), ("True", CRASH_LOOP_BACK_OFF));
+        assert!(
+            find(&status, DEGRADED)
+                .unwrap()
+                .message
+                .contains("sha256 mismatch")
+        );
+        assert_eq!(condition(&status, AVAILABLE), ("True", "ReplicasAvailable"));
+        assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+        let published = events(qm.status.as_ref(), &status);
+        assert_eq!(reasons(&published), [CRASH_LOOP_BACK_OFF]);
+        assert_eq!(published[0].type_, EventType::Warning);
+        assert!(
+            published[0]
+                .note
+                .as_deref()
+                .unwrap()
+                .contains("exited with code 1")
+        );
+
+        let mut qm = qm;
+        qm.status = Some(status.clone());
+        let again = observe_with_pods(&qm, deployment_status(2, 2, 1, 1), &pods, &at(20));
+        assert_eq!(find(&again, DEGRADED), find(&status, DEGRADED));
+        assert!(events(Some(&status), &again).is_empty(), "reported once");
+
+        // The pull failure of a missing image, through its two alternating kubelet states.
+        let qm = rolling_from_1_to_2();
+        let pull = |reason| {
+            let pods = [
+                running("bge-old", "1.0.0"),
+                pulling_fails("bge-new", "2.0.0", reason),
+            ];
+            observe_with_pods(&qm, deployment_status(2, 2, 1, 1), &pods, &at(30))
+        };
+        let (first, second) = (pull("ErrImagePull"), pull("ImagePullBackOff"));
+        assert_eq!(condition(&first, DEGRADED), ("True", IMAGE_PULL_BACK_OFF));
+        assert_eq!(
+            reasons(&events(qm.status.as_ref(), &first)),
+            [IMAGE_PULL_BACK_OFF]
+        );
+        assert!(events(Some(&first), &second).is_empty());
     }
 
     #[test]

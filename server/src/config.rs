@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 
 use crate::backend::DeviceKind;
 
@@ -35,9 +35,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceKind::Cpu)]
     pub device: DeviceKind,
 
-    /// Threads for CPU inference; all cores when unset.
-    #[arg(long, env = "INFERENCE_THREADS")]
+    /// Threads for CPU inference; when unset, the CPUs the container may use (its cgroup CPU
+    /// limit and CPU affinity), not the node's core count.
+    #[arg(long, env = "INFERENCE_THREADS", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub inference_threads: Option<usize>,
+
+    /// Seconds between SIGTERM and draining: `/ready` answers 503 at once while requests are
+    /// still served, so load balancers (Kubernetes endpoints) stop sending new ones first.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "0", value_parser = parse_seconds)]
+    pub shutdown_grace: Duration,
 
     /// Log as JSON lines instead of text.
     #[arg(long, env = "JSON_OUTPUT", value_parser = BoolishValueParser::new())]
@@ -148,6 +154,7 @@ mod tests {
             ("grpc-port", "GRPC_PORT"),
             ("device", "DEVICE"),
             ("inference-threads", "INFERENCE_THREADS"),
+            ("shutdown-grace", "SHUTDOWN_GRACE"),
             ("json-output", "JSON_OUTPUT"),
             ("max-batch-tokens", "MAX_BATCH_TOKENS"),
             ("max-batch-requests", "MAX_BATCH_REQUESTS"),
@@ -195,5 +202,22 @@ mod tests {
             "q: ",
         ];
         assert!(Cli::try_parse_from(both).is_err());
+        assert_eq!(cli.serve.shutdown_grace, Duration::ZERO);
+        assert_eq!(cli.serve.inference_threads, None);
+        let graced = Cli::try_parse_from([
+            "serve",
+            "--model",
+            "m",
+            "--shutdown-grace",
+            "5",
+            "--inference-threads",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(graced.serve.shutdown_grace, Duration::from_secs(5));
+        assert_eq!(graced.serve.inference_threads, Some(2));
+        assert!(
+            Cli::try_parse_from(["serve", "--model", "m", "--inference-threads", "0"]).is_err()
+        );
     }
 }

@@ -7,6 +7,7 @@ use qmodel_server::backend::load;
 use qmodel_server::config::ServeArgs;
 use qmodel_server::quantize;
 use qmodel_server::service::Service;
+use qmodel_server::threads::ComputeThreads;
 use qmodel_server::{grpc, http};
 
 #[derive(Parser)]
@@ -39,21 +40,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Load (errors exit before the port is bound), bind, warm up, then ready; on SIGTERM or
-/// SIGINT stop accepting, finish every accepted request, exit 0.
+/// Load (errors exit before the port is bound), bind, warm up, then ready. On SIGTERM or
+/// SIGINT: `/ready` turns 503 at once, requests are still served for `--shutdown-grace`, then
+/// accepting stops, every accepted request finishes, and the process exits 0.
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     init_logging(args.json_output);
-    if let Some(threads) = args.inference_threads {
-        // SAFETY: no other thread exists yet (the runtime is built below), so nothing can read
-        // the environment concurrently. candle and rayon size their pools from
-        // RAYON_NUM_THREADS, the int8 kernels' pool from QMODEL_THREADS.
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-            std::env::set_var("QMODEL_THREADS", threads.to_string());
-        }
+    let threads = ComputeThreads::detect(args.inference_threads);
+    // SAFETY: no other thread exists yet (the runtime is built below), so nothing can read
+    // the environment concurrently. candle and rayon size their pools from
+    // RAYON_NUM_THREADS, the int8 kernels' pool from QMODEL_THREADS.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.count.to_string());
+        std::env::set_var("QMODEL_THREADS", threads.count.to_string());
     }
     let model = load(&args.model_dir, args.device)?;
-    let app = Service::new(model, args.limits.clone(), &args.prompts)?;
+    // Logged only now: a server that cannot load prints nothing but its one-line error (the
+    // pod's termination message).
+    tracing::info!(threads = threads.count, reason = %threads.reason, "compute threads");
+    let app = Service::new(model, args.limits.clone(), &args.prompts, threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,14 +88,26 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        // Serving ends on a signal, or when warm-up failed (then with its error); both
-        // servers stop together.
+        // Serving ends on a signal (after the grace period), or when warm-up failed (then
+        // with its error); both servers stop together.
         let (stop_error, stop_error_rx) = tokio::sync::oneshot::channel();
-        let signal = shutdown_signal()?;
+        let mut signals = Signals::install()?;
+        let grace = args.shutdown_grace;
+        let draining = app.clone();
         let (stopping, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             tokio::select! {
-                () = signal => tracing::info!("shutting down: finishing accepted requests"),
+                () = signals.next() => {
+                    draining.withdraw_readiness();
+                    if !grace.is_zero() {
+                        tracing::info!(?grace, "stopping: /ready answers 503; still serving for the grace period");
+                        tokio::select! {
+                            () = tokio::time::sleep(grace) => {}
+                            () = signals.next() => tracing::info!("second signal: grace period cut short"),
+                        }
+                    }
+                    tracing::info!("shutting down: finishing accepted requests");
+                }
                 Ok(e) = failed => {
                     let _ = stop_error.send(e);
                 }
@@ -123,17 +139,28 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
+/// SIGTERM and SIGINT, installed before serving so none is missed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    })
+    }
 }
 
 fn init_logging(json: bool) {

@@ -18,6 +18,7 @@ use crate::backend::{DeviceKind, Encoding, LoadedModel};
 use crate::config::{Limits, PromptArgs};
 use crate::metrics::Metrics;
 use crate::queue::{Admission, Queue, QueueError, QueueLimits};
+use crate::threads::ComputeThreads;
 use crate::tokenize::{Input, Token, TokenizeError, Tokenizer, Truncate, TruncationDirection};
 
 /// OpenAI's limit of inputs per `/v1/embeddings` request (TEI's routes keep
@@ -175,6 +176,7 @@ pub struct Service {
     /// sha256 of the API key: comparing digests in constant time hides the key's length too.
     api_key_digest: Option<[u8; 32]>,
     metrics: Arc<Metrics>,
+    compute_threads: ComputeThreads,
     ready: AtomicBool,
 }
 
@@ -184,6 +186,7 @@ impl Service {
         model: LoadedModel,
         limits: Limits,
         prompts: &PromptArgs,
+        compute_threads: ComputeThreads,
     ) -> anyhow::Result<Arc<Self>> {
         let LoadedModel {
             manifest,
@@ -249,6 +252,7 @@ impl Service {
             default_prompt,
             api_key_digest,
             metrics,
+            compute_threads,
             ready: AtomicBool::new(false),
         }))
     }
@@ -270,9 +274,14 @@ impl Service {
         Ok(())
     }
 
+    /// `/ready` answers 503 from now on; every other route keeps serving.
+    pub fn withdraw_readiness(&self) {
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Finishes queued work and stops the batching worker (blocks until it has).
     pub fn shutdown(&self) {
-        self.ready.store(false, Ordering::Release);
+        self.withdraw_readiness();
         self.queue.shutdown();
     }
 
@@ -291,6 +300,11 @@ impl Service {
     /// Width of the model's vectors.
     pub fn width(&self) -> usize {
         self.width
+    }
+
+    /// Threads of the compute pools, and why that many.
+    pub fn compute_threads(&self) -> &ComputeThreads {
+        &self.compute_threads
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -15,6 +15,7 @@ use qmodel_server::backend::{DeviceKind, load};
 use qmodel_server::config::{Limits, PromptArgs};
 use qmodel_server::http::router;
 use qmodel_server::service::Service;
+use qmodel_server::threads::ComputeThreads;
 use serde_json::{Value, json};
 
 const TEXTS: [&str; 3] = [
@@ -363,7 +364,15 @@ async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
     let artifact = common::artifact(checkpoint.path(), Precision::Int8);
     let serve = |prompts: PromptArgs| {
         let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
-        router(&Service::new(model, Limits::default(), &prompts).unwrap())
+        router(
+            &Service::new(
+                model,
+                Limits::default(),
+                &prompts,
+                ComputeThreads::detect(None),
+            )
+            .unwrap(),
+        )
     };
     let plain = router(&app(Limits::default(), true).await);
     let embed = |router: &axum::Router, body: Value| {
@@ -422,9 +431,14 @@ async fn prompts_come_from_the_checkpoint_and_requests_or_flags_pick_them() {
         default_prompt_name: Some("title".into()),
         default_prompt: None,
     };
-    let error = Service::new(model, Limits::default(), &unknown)
-        .err()
-        .unwrap();
+    let error = Service::new(
+        model,
+        Limits::default(),
+        &unknown,
+        ComputeThreads::detect(None),
+    )
+    .err()
+    .unwrap();
     assert!(error.to_string().contains("\"title\""), "{error}");
 }
 
@@ -559,7 +573,15 @@ fn classifier(precision: Precision, edit: impl FnOnce(&mut Value)) -> axum::Rout
     let copy = checkpoint_with(&src, "config.json", &config.to_string());
     let artifact = common::artifact(copy.path(), precision);
     let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
-    router(&Service::new(model, Limits::default(), &PromptArgs::default()).unwrap())
+    router(
+        &Service::new(
+            model,
+            Limits::default(),
+            &PromptArgs::default(),
+            ComputeThreads::detect(None),
+        )
+        .unwrap(),
+    )
 }
 
 fn predictions(value: &Value) -> Vec<(String, f32)> {
@@ -677,7 +699,15 @@ async fn a_classifier_pair_scores_its_first_label_as_the_reranker_does() {
     let multi = classifier(Precision::F32, |_| {});
     let artifact = common::artifact(&reranker(), Precision::F32);
     let model = load(artifact.path(), DeviceKind::Cpu).unwrap();
-    let rerank = router(&Service::new(model, Limits::default(), &PromptArgs::default()).unwrap());
+    let rerank = router(
+        &Service::new(
+            model,
+            Limits::default(),
+            &PromptArgs::default(),
+            ComputeThreads::detect(None),
+        )
+        .unwrap(),
+    );
     let (query, passage) = (
         "What is the capital of France?",
         "Paris is the capital of France.",

@@ -259,7 +259,7 @@ async fn overload_answers_429_fast_and_memory_stays_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     let model = minilm_int8();
-    let mut server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "4")]);
+    let server = Server::start(model.path(), &[("MAX_BATCH_REQUESTS", "4")]);
     server.wait_ready().await;
     let texts = sentences(32);
     let clients: Vec<_> = (0..8)
@@ -288,7 +288,13 @@ async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.embeddings().len(), 32);
     }
-    let status = tokio::task::spawn_blocking(move || {
+    let status = exit_status(server).await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Waits for the child's exit status (at most 30 s).
+async fn exit_status(mut server: Server) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = server.child.try_wait().unwrap() {
@@ -302,8 +308,82 @@ async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
         }
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// With SHUTDOWN_GRACE, SIGTERM first withdraws readiness (so Kubernetes takes the pod out of
+/// its Service) while new requests are still answered; only after the grace period does the
+/// server stop accepting and drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_withdraws_readiness_but_serves_through_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(3);
+    let model = minilm_int8();
+    let server = Server::start(model.path(), &[("SHUTDOWN_GRACE", "3")]);
+    server.wait_ready().await;
+    let signalled = Instant::now();
+    server.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let ready = server.request("GET", "/ready", "").await;
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            ready.expect_error(503, "unhealthy");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready still {} after SIGTERM",
+            ready.status
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = json!({"inputs": sentences(4)}).to_string();
+    let mut served = 0;
+    while signalled.elapsed() < GRACE - Duration::from_millis(800) {
+        let reply = server.request("POST", "/embed", &body).await;
+        assert_eq!(reply.embeddings().len(), 4, "during the grace period");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served > 0);
+    let addr = server.addr.clone();
+    let status = exit_status(server).await;
     assert!(status.success(), "exit status {status}");
+    assert!(
+        signalled.elapsed() >= GRACE,
+        "exited {:?} after SIGTERM, before the grace period ended",
+        signalled.elapsed()
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "still accepting"
+    );
+}
+
+/// Compute threads follow the CPUs the process may use, not the machine's core count, and
+/// INFERENCE_THREADS overrides; /info says how many and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_threads_follow_the_cpu_affinity_or_the_flag() {
+    let model = minilm_int8();
+    let info = |server: Server| async move {
+        server.wait_ready().await;
+        server.request("GET", "/info", "").await.json()
+    };
+    let pinned = info(Server::start_under(
+        &["taskset", "-c", "0"],
+        model.path(),
+        &[],
+    ))
+    .await;
+    assert_eq!(pinned["compute_threads"], 1, "{pinned}");
+    assert!(
+        pinned["compute_threads_reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("affinity") || reason.contains("CPU limit")),
+        "{pinned}"
+    );
+    let told = info(Server::start(model.path(), &[("INFERENCE_THREADS", "3")])).await;
+    assert_eq!(told["compute_threads"], 3, "{told}");
+    assert_eq!(told["compute_threads_reason"], "--inference-threads");
 }
 
 /// 32 inputs of distinct lengths (the last few truncated to 256 tokens): many batches in a row.

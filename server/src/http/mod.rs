@@ -338,6 +338,8 @@ async fn info(State(service): AppState) -> Json<Info> {
         auto_truncate: l.auto_truncate,
         prompts: service.prompts().clone(),
         default_prompt: service.default_prompt().map(str::to_owned),
+        compute_threads: service.compute_threads().count,
+        compute_threads_reason: service.compute_threads().reason.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }

@@ -501,6 +501,9 @@ pub struct Info {
     pub prompts: BTreeMap<String, String>,
     /// What goes before text inputs whose request names no prompt.
     pub default_prompt: Option<String>,
+    /// Threads of the compute pools, and why that many (see [`crate::threads`]).
+    pub compute_threads: usize,
+    pub compute_threads_reason: String,
     /// Version of qmodel-server.
     pub version: String,
 }

@@ -20,6 +20,7 @@ use qmodel_server::backend::{DeviceKind, load};
 use qmodel_server::config::Limits;
 use qmodel_server::config::PromptArgs;
 use qmodel_server::service::Service;
+use qmodel_server::threads::ComputeThreads;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -43,6 +44,7 @@ pub async fn app_on(checkpoint: &Path, limits: Limits, warm: bool) -> Arc<Servic
         load(dir.path(), DeviceKind::Cpu).unwrap(),
         limits,
         &PromptArgs::default(),
+        ComputeThreads::detect(None),
     )
     .unwrap();
     if warm {
@@ -146,7 +148,21 @@ impl Server {
     /// Starts the binary with `env` (configuration by environment variables, as a deployment
     /// does) and waits for it to listen.
     pub fn start(model: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+        Self::start_under(&[], model, env)
+    }
+
+    /// [`Server::start`] run through `wrapper` (e.g. `taskset -c 0`), when non-empty.
+    pub fn start_under(wrapper: &[&str], model: &Path, env: &[(&str, &str)]) -> Self {
+        let binary = env!("CARGO_BIN_EXE_qmodel-server");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .arg("serve")
             .env("MODEL_DIR", model)
             .env("HOST", "127.0.0.1")

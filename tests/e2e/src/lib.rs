@@ -3,6 +3,9 @@
 //! operator binary run locally as the chart's ServiceAccount so the chart's RBAC is what is tested.
 //!
 //! Nothing here skips: without a reachable cluster every test fails with the reason.
+//! [`real_node`] adds what the tests of pods that really run need.
+
+pub mod real_node;
 
 use std::fmt::Display;
 use std::fs::{self, File};
@@ -35,7 +38,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Where operator logs and generated kubeconfigs go; kept after the run for post-mortems.
-fn work_dir() -> PathBuf {
+pub(crate) fn work_dir() -> PathBuf {
     let dir = repo_root().join("target/e2e");
     fs::create_dir_all(&dir).expect("creating target/e2e");
     dir
@@ -43,16 +46,20 @@ fn work_dir() -> PathBuf {
 
 /// Runs a command to completion; its stdout, or an error naming the command and its stderr.
 pub fn command(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Result<String, String> {
-    let program = program.as_ref();
-    let output = Command::new(program)
-        .args(args)
+    run(Command::new(program).args(args))
+}
+
+/// [`command`] for a prepared [`Command`] (environment, paths as arguments); stdin is closed.
+pub fn run(command: &mut Command) -> Result<String, String> {
+    let output = command
+        .stdin(Stdio::null())
         .output()
-        .map_err(|error| format!("running {program:?}: {error}"))?;
+        .map_err(|error| format!("running {command:?}: {error}"))?;
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
         Err(format!(
-            "{program:?} {args:?} failed ({}): {}",
+            "{command:?} failed ({}): {}",
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         ))

@@ -568,7 +568,9 @@ async fn chart_rbac_denies_what_the_operator_does_not_need() {
         ("update", "quantizedmodels", false),
         ("delete", "services", false),
         ("get", "secrets", false),
-        ("list", "pods", false),
+        ("watch", "pods", true),
+        ("delete", "pods", false),
+        ("create", "pods", false),
     ] {
         assert_eq!(
             can_i(&env, &user, verb, resource, namespace).await,

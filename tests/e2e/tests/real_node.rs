@@ -1,0 +1,532 @@
+//! Pods that really run (issue 17): the baked operator and server images on the real node of
+//! tests/cluster, behind real probes, Services, DNS and kube-proxy; rollouts and pod deletions
+//! counted request by request under load; versions that cannot start reported with their cause.
+//!
+//! The tests take turns on the node ([`real_node::exclusive`]); each prints its figures.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams};
+use qmodel_e2e::real_node::{
+    self, CORRUPT_VERSION, ClientPod, Load, LoadReport, MISSING_VERSION, OPERATOR_IMAGE_REPOSITORY,
+    cluster_ip, info, logs, placement, real_model, require_real_node,
+};
+use qmodel_e2e::{MODEL_LABEL, TestEnv, VERSION_LABEL, condition, helm_install, model, wait_for};
+use serde_json::{Value, json};
+
+/// Pods of the baked image start in about a second; the first one on a cold node also unpacks
+/// the image.
+const START: Duration = Duration::from_secs(120);
+const ROLLOUT: Duration = Duration::from_secs(180);
+
+/// The real node's test environment: the node is there, the images are loaded, and this test
+/// has it to itself.
+async fn real_env(test: &str) -> (TestEnv, tokio::sync::MutexGuard<'static, ()>) {
+    let turn = real_node::exclusive().await;
+    let env = TestEnv::new(test).await;
+    require_real_node(&env).await;
+    real_node::images();
+    (env, turn)
+}
+
+fn assert_no_failures(what: &str, report: &LoadReport) {
+    eprintln!(
+        "BENCHMARK {what}: {} requests answered 200, {} failed, over {:.1} s",
+        report.ok,
+        report.failures.len(),
+        report.seconds
+    );
+    assert!(report.ok > 0, "{what}: no request got through");
+    assert!(
+        report.failures.is_empty(),
+        "{what}: {} of {} requests failed, first ones: {:#?}",
+        report.failures.len(),
+        report.ok + report.failures.len() as u64,
+        &report.failures[..report.failures.len().min(10)]
+    );
+}
+
+/// The model's pods of `version`, once `count` are Running and Ready.
+async fn ready_pods(env: &TestEnv, name: &str, version: &str, count: usize) -> Vec<Pod> {
+    wait_for(
+        &format!("{count} ready pods of {name} at version {version}"),
+        START,
+        || async {
+            let pods: Vec<Pod> = env
+                .pods(name)
+                .await
+                .into_iter()
+                .filter(|pod| {
+                    pod.metadata.deletion_timestamp.is_none()
+                        && pod
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(VERSION_LABEL))
+                            == Some(&version.to_owned())
+                })
+                .collect();
+            let ready = pods.iter().filter(|pod| pod_ready(pod)).count();
+            if ready == count && pods.len() == count {
+                Ok(pods)
+            } else {
+                Err(format!("{ready} of {} ready", pods.len()))
+            }
+        },
+    )
+    .await
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Cosine similarity of two vectors.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// The first `n` reference sentences and their ONNX Runtime embeddings (server/tests/fixtures).
+fn reference(n: usize) -> (Vec<String>, Vec<Vec<f32>>) {
+    let fixtures = qmodel_e2e::repo_root().join("server/tests/fixtures");
+    let read = |name: &str| std::fs::read(fixtures.join(name)).expect("reading a fixture");
+    let sentences: Vec<String> = serde_json::from_slice(&read("sentences.json")).unwrap();
+    let header: Value = serde_json::from_slice(&read("minilm_embeddings.json")).unwrap();
+    let dim = header["dim"].as_u64().expect("dim in the fixture header") as usize;
+    let embeddings = read("minilm_embeddings.f32")
+        .chunks_exact(4 * dim)
+        .take(n)
+        .map(|row| {
+            row.chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        })
+        .collect();
+    (sentences.into_iter().take(n).collect(), embeddings)
+}
+
+#[tokio::test]
+async fn operator_image_runs_in_cluster_from_helm_and_reconciles() {
+    let (env, _turn) = real_env("incluster").await;
+    let images = real_node::images();
+    let values = json!({
+        "image": {
+            "repository": OPERATOR_IMAGE_REPOSITORY,
+            "tag": images.operator_tag,
+            "pullPolicy": "IfNotPresent",
+        },
+        "watchNamespaces": [env.namespace],
+        "leaderElection": false,
+        "nodeSelector": placement()["nodeSelector"],
+        "tolerations": placement()["tolerations"],
+    });
+    let values_file = std::env::temp_dir().join(format!("{}-values.json", env.namespace));
+    std::fs::write(&values_file, values.to_string()).unwrap();
+    let started = Instant::now();
+    // `--wait`: the operator's Deployment is available, i.e. its pod passed its /readyz probe.
+    helm_install(
+        "incluster",
+        &env.namespace,
+        &["--skip-crds", "--values", values_file.to_str().unwrap()],
+    )
+    .unwrap_or_else(|error| panic!("helm install of the baked operator image: {error}"));
+    let operator_pods = env
+        .api::<Pod>()
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=incluster"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(operator_pods.len(), 1);
+    let operator_pod = &operator_pods[0];
+    assert!(pod_ready(operator_pod), "{:?}", operator_pod.status);
+    assert_eq!(
+        operator_pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref()),
+        Some("real-0"),
+        "the operator runs on the real node"
+    );
+    let image = &operator_pod
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .image;
+    assert_eq!(
+        image,
+        &format!("{OPERATOR_IMAGE_REPOSITORY}:{}", images.operator_tag)
+    );
+    eprintln!(
+        "BENCHMARK in-cluster operator: helm install -> pod Ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // It reconciles with in-cluster configuration (the `kubernetes` Service): a model on the
+    // kwok nodes becomes Ready through it alone.
+    env.apply_model(&model("reconciled", "v1", "int8", json!({})))
+        .await
+        .unwrap();
+    env.wait_ready("reconciled", "v1", Duration::from_secs(60))
+        .await;
+    let log = logs(&env, operator_pod.metadata.name.as_deref().unwrap());
+    assert!(log.contains("reconciling"), "operator log: {log}");
+}
+
+#[tokio::test]
+async fn int8_model_serves_reference_embeddings_by_dns_name_from_a_pod() {
+    let (env, _turn) = real_env("serve").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let started = Instant::now();
+    env.apply_model(&real_model("minilm", "1", json!({"replicas": 1})))
+        .await
+        .unwrap();
+    let model = env.wait_ready("minilm", "1", START).await;
+    eprintln!(
+        "BENCHMARK real pod: QuantizedModel applied -> Ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let pods = ready_pods(&env, "minilm", "1", 1).await;
+    let pod = &pods[0];
+    assert_eq!(
+        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some("real-0")
+    );
+    let status = pod.status.as_ref().unwrap();
+    let container = &status.container_statuses.as_ref().unwrap()[0];
+    assert!(container.ready && container.state.as_ref().unwrap().running.is_some());
+    assert_eq!(container.restart_count, 0);
+
+    let endpoint = model.data["status"]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        endpoint,
+        format!("http://minilm.{}.svc.cluster.local:8080", env.namespace)
+    );
+    let client = ClientPod::start(&env, "client").await;
+    let (sentences, expected) = reference(8);
+    let answer = client
+        .post(
+            &format!("{endpoint}/embed"),
+            &json!({"inputs": sentences}).to_string(),
+        )
+        .unwrap_or_else(|error| panic!("POST {endpoint}/embed from a pod: {error}"));
+    let embeddings: Vec<Vec<f32>> = serde_json::from_str(&answer)
+        .unwrap_or_else(|error| panic!("not embeddings ({error}): {answer}"));
+    assert_eq!(embeddings.len(), expected.len());
+    for (i, (got, want)) in embeddings.iter().zip(&expected).enumerate() {
+        let similarity = cosine(got, want);
+        assert!(
+            similarity >= 0.99,
+            "sentence {i} {:?}: cosine {similarity} to the reference",
+            sentences[i]
+        );
+    }
+
+    let log = logs(&env, pod.metadata.name.as_deref().unwrap());
+    for line in ["compute threads", "listening", "warmed up; ready"] {
+        assert!(log.contains(line), "kubectl logs lacks {line:?}: {log}");
+    }
+}
+
+#[tokio::test]
+async fn pods_are_restricted_read_only_memory_limited_and_size_threads_from_the_cpu_limit() {
+    let (env, _turn) = real_env("restricted").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let resources = json!({
+        "requests": {"cpu": "100m", "memory": "64Mi"},
+        "limits": {"cpu": "1", "memory": "384Mi"},
+    });
+    env.apply_model(&real_model("limited", "1", json!({"resources": resources})))
+        .await
+        .unwrap();
+    env.wait_ready("limited", "1", START).await;
+    let pods = ready_pods(&env, "limited", "1", 1).await;
+    let spec = pods[0].spec.as_ref().unwrap();
+    let container = &spec.containers[0];
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        container
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap()["memory"]
+            .0,
+        "384Mi"
+    );
+    // The namespace enforces the restricted Pod Security Standard (TestEnv): the pod was
+    // admitted, so it complies; and it runs.
+    let labels = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(env.client.clone())
+        .get(&env.namespace)
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap();
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
+
+    let addr = cluster_ip(&env, "limited").await;
+    let info = info(&addr).await;
+    assert_eq!(
+        info["compute_threads"],
+        1,
+        "a 1-CPU limit on a {}-core node: {info}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let reason = info["compute_threads_reason"].as_str().unwrap();
+    assert!(reason.starts_with("CPU limit 100000/100000"), "{reason}");
+    eprintln!("real pod with limits.cpu 1: compute_threads 1 ({reason})");
+}
+
+/// Changes the model's version under load and waits for the rollout; the load's report and the
+/// rollout's duration.
+async fn roll_out_under_load(
+    env: &TestEnv,
+    name: &str,
+    replicas: i64,
+    to: &str,
+) -> (LoadReport, f64) {
+    let addr = cluster_ip(env, name).await;
+    let load = Load::start(&addr, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    env.apply_model(&real_model(name, to, json!({"replicas": replicas})))
+        .await
+        .unwrap();
+    env.wait_ready(name, to, ROLLOUT).await;
+    let rollout = started.elapsed().as_secs_f64();
+    // The old pods' preStop and drain end after the rollout is complete: keep loading through
+    // them.
+    wait_for("the old version's pods gone", ROLLOUT, || async {
+        let left = env
+            .pods(name)
+            .await
+            .into_iter()
+            .filter(|pod| {
+                pod.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(VERSION_LABEL))
+                    != Some(&to.to_owned())
+            })
+            .count();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} left"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    (load.stop().await, rollout)
+}
+
+/// A model of `replicas` pods at version 1 on the real node, served by this test's operator,
+/// all of them Ready; the operator (kept running while the returned value lives) and the pods.
+async fn serving(env: &TestEnv, name: &str, replicas: usize) -> (qmodel_e2e::Operator, Vec<Pod>) {
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    env.apply_model(&real_model(name, "1", json!({"replicas": replicas})))
+        .await
+        .unwrap();
+    env.wait_ready(name, "1", START).await;
+    let pods = ready_pods(env, name, "1", replicas).await;
+    (operator, pods)
+}
+
+#[tokio::test]
+async fn version_rollout_under_load_fails_no_request() {
+    let (env, _turn) = real_env("rollout").await;
+    let _operator = serving(&env, "rolling", 2).await;
+
+    let (report, rollout) = roll_out_under_load(&env, "rolling", 2, "2").await;
+    eprintln!("BENCHMARK rollout 1 -> 2 (2 replicas): {rollout:.1} s to Ready at 2");
+    assert_no_failures("rollout 1 -> 2 under load", &report);
+    let model = env.models().get("rolling").await.unwrap();
+    assert_eq!(model.data["status"]["currentVersion"], "2");
+    let addr = cluster_ip(&env, "rolling").await;
+    for _ in 0..4 {
+        assert_eq!(info(&addr).await["model_version"], "2");
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_pod_of_two_replicas_under_load_fails_no_request() {
+    let (env, _turn) = real_env("podkill").await;
+    let (_operator, pods) = serving(&env, "pair", 2).await;
+    let victim = pods[0].metadata.name.clone().unwrap();
+
+    let addr = cluster_ip(&env, "pair").await;
+    let load = Load::start(&addr, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    env.api::<Pod>()
+        .delete(&victim, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deleted pod gone and two replicas ready again",
+        ROLLOUT,
+        || async {
+            let pods = env.pods("pair").await;
+            let gone = pods
+                .iter()
+                .all(|p| p.metadata.name.as_deref() != Some(&victim));
+            let ready = pods.iter().filter(|p| pod_ready(p)).count();
+            if gone && ready == 2 {
+                Ok(())
+            } else {
+                Err(format!("gone {gone}, {ready} ready"))
+            }
+        },
+    )
+    .await;
+    let replaced = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = load.stop().await;
+    eprintln!("BENCHMARK pod deletion (2 replicas): replaced and gone in {replaced:.1} s");
+    assert_no_failures("pod deletion under load", &report);
+}
+
+/// Applies `version` under load; waits for Degraded with `reason`; checks the Event and that
+/// version 1 kept answering.
+async fn broken_version_is_degraded_while_v1_serves(
+    env: &TestEnv,
+    name: &str,
+    version: &str,
+    reason: &str,
+) -> String {
+    env.apply_model(&real_model(name, "1", json!({})))
+        .await
+        .unwrap();
+    env.wait_ready(name, "1", START).await;
+    let addr = cluster_ip(env, name).await;
+    let load = Load::start(&addr, 2);
+    let started = Instant::now();
+    env.apply_model(&real_model(name, version, json!({})))
+        .await
+        .unwrap();
+    let models = env.models();
+    let message = wait_for(
+        &format!("{name} Degraded with {reason}"),
+        ROLLOUT,
+        || async {
+            let model = models.get(name).await.map_err(|e| e.to_string())?;
+            let degraded = condition(&model, "Degraded");
+            if degraded["status"] == "True" && degraded["reason"] == reason {
+                Ok(degraded["message"].as_str().unwrap_or_default().to_owned())
+            } else {
+                Err(format!("Degraded: {degraded}"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "BENCHMARK {reason}: Degraded after {:.1} s: {message}",
+        started.elapsed().as_secs_f64()
+    );
+    let event = wait_for(
+        &format!("a {reason} Event"),
+        Duration::from_secs(30),
+        || async {
+            env.events(name, reason)
+                .await
+                .into_iter()
+                .next()
+                .ok_or("none yet")
+        },
+    )
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    // Version 1 keeps answering for a while longer, the broken surge pod beside it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let model = models.get(name).await.unwrap();
+    assert_eq!(model.data["status"]["currentVersion"], "1");
+    assert_eq!(condition(&model, "Available")["status"], "True");
+    assert_eq!(info(&addr).await["model_version"], "1");
+    let deployment = env.api::<Deployment>().get(name).await.unwrap();
+    assert_eq!(
+        deployment.status.unwrap().available_replicas,
+        Some(1),
+        "maxUnavailable 0 keeps the old replica"
+    );
+    assert_no_failures(
+        &format!("version {version} ({reason}) under load"),
+        &load.stop().await,
+    );
+    message
+}
+
+#[tokio::test]
+async fn a_missing_image_is_degraded_with_image_pull_back_off_and_v1_keeps_answering() {
+    let (env, _turn) = real_env("pullfail").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let message = broken_version_is_degraded_while_v1_serves(
+        &env,
+        "nopull",
+        MISSING_VERSION,
+        "ImagePullBackOff",
+    )
+    .await;
+    assert!(
+        message.contains(&format!("qmodel-server:{MISSING_VERSION}-int8")),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_artifact_is_degraded_with_crash_loop_back_off_and_its_error() {
+    let (env, _turn) = real_env("crashloop").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let message = broken_version_is_degraded_while_v1_serves(
+        &env,
+        "corrupt",
+        CORRUPT_VERSION,
+        "CrashLoopBackOff",
+    )
+    .await;
+    // The server's one-line error, as the kubelet took it from the log (FallbackToLogsOnError).
+    assert!(message.contains("exited with code 1"), "{message}");
+    assert!(message.contains("model.gguf"), "{message}");
+    let crashing: Vec<Pod> = env
+        .pods("corrupt")
+        .await
+        .into_iter()
+        .filter(|pod| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MODEL_LABEL))
+                .is_some()
+                && pod
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(VERSION_LABEL))
+                    == Some(&CORRUPT_VERSION.to_owned())
+        })
+        .collect();
+    assert_eq!(crashing.len(), 1, "one surge pod, never more");
+}
