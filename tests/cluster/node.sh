@@ -56,7 +56,7 @@ node_preflight() {
 		# A stale record (its state dir is gone): clean what it left.
 		node_cleanup_global
 	fi
-	ip netns list | grep -qw "^$NODE_NETNS" && die "network namespace $NODE_NETNS exists but no cluster owns it; remove it (ip netns del $NODE_NETNS)"
+	grep -qw "^$NODE_NETNS" <<<"$(ip netns list)" && die "network namespace $NODE_NETNS exists but no cluster owns it; remove it (ip netns del $NODE_NETNS)"
 	ip link show "$NODE_HOST_VETH" >/dev/null 2>&1 && die "interface $NODE_HOST_VETH exists but no cluster owns it"
 	return 0
 }
@@ -306,7 +306,7 @@ node_start() {
 }
 
 # Ready, and the Service path works: cluster DNS answers through kube-proxy's ClusterIP rules.
-node_dns_answers() { busybox nslookup "kubernetes.default.svc.cluster.local" "$NODE_DNS_IP" 2>/dev/null | grep -q '10\.96\.0\.1$'; }
+node_dns_answers() { grep -q '10\.96\.0\.1$' <<<"$(busybox nslookup "kubernetes.default.svc.cluster.local" "$NODE_DNS_IP" 2>/dev/null)"; }
 
 # --- down ----------------------------------------------------------------------------------------
 
