@@ -25,6 +25,7 @@ use crate::config::OperatorConfig;
 use crate::crd::QuantizedModel;
 use crate::metrics::Metrics;
 use crate::resources::{self, DesiredState};
+use crate::rollout::{self, Plan};
 use crate::status::{self, Observation, Rollout};
 
 /// Requeue interval while a rollout is under way, as a safety net next to the Deployment watch.
@@ -95,7 +96,8 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
     let name = model.name_any();
     let now = Time(Timestamp::now());
 
-    let (new_status, action) = match resources::desired_state(&model, &ctx.config) {
+    let plan = Plan::of(&model);
+    let (new_status, action) = match resources::desired_state(&plan.model(&model), &ctx.config) {
         Err(error) => {
             ctx.metrics.invalid_specs.inc();
             warn!(%namespace, %name, %error, "spec cannot be served; nothing applied");
@@ -103,16 +105,39 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
             let status = status::status(&model, &Observation::Invalid(&error), &now);
             (status, Action::await_change())
         }
-        Ok(desired) => {
-            let deployment = apply(&model, &desired, &namespace, &ctx).await?;
+        Ok(mut desired) => {
+            let mut plan = plan;
+            let mut deployment = apply(&model, &desired, &namespace, &ctx).await?;
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
             let pods = pods
                 .list(&ListParams::default().labels(&desired.selector))
                 .await?
                 .items;
+            let verdict = rollout::judge(&model, &plan, &deployment, &pods, &now);
+            if let Some(next) = plan.after(&model, verdict) {
+                match resources::desired_state(&next.model(&model), &ctx.config) {
+                    Ok(next_desired) => {
+                        match &next.rollback {
+                            Some(rollback) => {
+                                ctx.metrics.rollbacks.inc();
+                                warn!(%namespace, %name, failed = %rollback.failed_version,
+                                    to = %rollback.rolled_back_to, reason = %rollback.reason,
+                                    "rollout failed; rolling back");
+                            }
+                            None => info!(%namespace, %name,
+                                "no spare GPU for a surge pod; replacing pods one at a time"),
+                        }
+                        deployment = apply(&model, &next_desired, &namespace, &ctx).await?;
+                        (plan, desired) = (next, next_desired);
+                    }
+                    Err(error) => warn!(%namespace, %name, %error,
+                        "the rollout's next step cannot be rendered; the spec's stays applied"),
+                }
+            }
             let status = status::status(
                 &model,
                 &Observation::Applied {
+                    plan: &plan,
                     desired: &desired,
                     deployment: &deployment,
                     pods: &pods,
@@ -605,6 +630,7 @@ mod tests {
         qm.status = Some(status::status(
             &qm,
             &Observation::Applied {
+                plan: &Plan::of(&qm),
                 desired: &desired,
                 deployment: &deployment,
                 pods: &[],
@@ -715,6 +741,62 @@ mod tests {
         })
         .await;
         assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn a_crash_looping_new_version_is_rolled_back_to_the_last_good_one_at_once() {
+        let qm = crate::testing::rolling_from_good_1_to_2();
+        let (result, ctx) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let mut stored = rolled_out(4, 1);
+            stored["status"]["replicas"] = json!(2);
+            let failed = api.apply_deployment(stored.clone()).await;
+            assert_eq!(
+                failed["spec"]["template"]["metadata"]["labels"]["serving.qmodel.dev/model-version"],
+                "2.0.0"
+            );
+            api.apply_service().await;
+            api.list_pods(json!([{
+                "metadata": {
+                    "name": "bge-new",
+                    "namespace": "ml",
+                    "labels": {"serving.qmodel.dev/model": "bge", "serving.qmodel.dev/model-version": "2.0.0"},
+                },
+                "status": {"containerStatuses": [{
+                    "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                    "state": {"waiting": {"reason": "ImagePullBackOff"}},
+                }]},
+            }]))
+            .await;
+            // The same reconcile applies the last good spec again.
+            let good = api.apply_deployment(stored).await;
+            let template = &good["spec"]["template"];
+            assert_eq!(template["metadata"]["labels"]["serving.qmodel.dev/model-version"], "1.0.0");
+            assert_eq!(
+                template["spec"]["containers"][0]["image"],
+                "ghcr.io/qmodel/qmodel-server:1.0.0-int8"
+            );
+            api.apply_service().await;
+            let status = api.apply_status().await;
+            assert_eq!(condition(&status, "RolledBack"), ("True", "ImagePullBackOff"));
+            assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+            assert_eq!(status.desired_version.as_deref(), Some("2.0.0"));
+            let rollback = status.rollback.unwrap();
+            assert_eq!((rollback.failed_version.as_str(), rollback.rolled_back_to.as_str()), ("2.0.0", "1.0.0"));
+            let event = api.event().await;
+            assert_eq!(
+                (event["reason"].as_str(), event["type"].as_str()),
+                (Some("RolledBack"), Some("Warning"))
+            );
+            api.event().await;
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
+        assert!(
+            ctx.metrics
+                .render()
+                .contains("qmodel_operator_rollbacks_total 1")
+        );
     }
 
     #[tokio::test]

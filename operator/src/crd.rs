@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use kube::KubeSchema;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
     ),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(name = "Last-Good", type_ = "string", json_path = ".status.lastGoodVersion"),
     printcolumn(name = "Precision", type_ = "string", json_path = ".spec.precision"),
     printcolumn(name = "Device", type_ = "string", json_path = ".status.device"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
@@ -79,6 +81,12 @@ pub struct QuantizedModelSpec {
     /// pods off GPU nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// Replaces the default spread of replicas across nodes (`kubernetes.io/hostname`, max skew
+    /// 1, `ScheduleAnyway`); an empty list turns spreading off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.all(c, c.maxSkew >= 1)").message("topologySpreadConstraints maxSkew must be at least 1"))]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuSpec>,
     #[serde(default)]
@@ -281,10 +289,26 @@ pub struct RolloutSpec {
     pub max_surge: IntOrString,
     #[serde(default = "default_max_unavailable")]
     pub max_unavailable: IntOrString,
-    /// Seconds a rollout may make no progress before the model is marked Degraded.
+    /// Seconds a rollout may make no progress before the model is marked Degraded (and, with
+    /// `autoRollback`, rolled back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self > 0").message("progressDeadlineSeconds must be positive"))]
     pub progress_deadline_seconds: Option<i32>,
+    /// Put the Deployment back on the last version that fully rolled out when a new one fails:
+    /// past the progress deadline, its pods in `CrashLoopBackOff`, `ImagePullBackOff` or
+    /// another state only a new spec fixes, or not Ready within `readyTimeoutSeconds`. The
+    /// failed spec is not retried until the spec changes again or the
+    /// `serving.qmodel.dev/retry-rollout` annotation changes.
+    #[serde(default = "default_auto_rollback")]
+    pub auto_rollback: bool,
+    /// Seconds a started pod of a new version may take to become Ready before its rollout
+    /// counts as failed.
+    #[serde(default = "default_ready_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self > 0").message("readyTimeoutSeconds must be positive"))]
+    pub ready_timeout_seconds: i32,
+    /// What a GPU rollout does when its surge pod finds no free GPU.
+    #[serde(default)]
+    pub no_spare_gpu: NoSpareGpu,
 }
 
 impl Default for RolloutSpec {
@@ -293,6 +317,39 @@ impl Default for RolloutSpec {
             max_surge: default_max_surge(),
             max_unavailable: default_max_unavailable(),
             progress_deadline_seconds: None,
+            auto_rollback: default_auto_rollback(),
+            ready_timeout_seconds: default_ready_timeout_seconds(),
+            no_spare_gpu: NoSpareGpu::default(),
+        }
+    }
+}
+
+fn default_auto_rollback() -> bool {
+    true
+}
+
+fn default_ready_timeout_seconds() -> i32 {
+    300
+}
+
+/// A GPU model's rollout whose surge pod cannot be scheduled for lack of GPUs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NoSpareGpu {
+    /// Replace replicas one at a time (`maxSurge: 0`, `maxUnavailable: 1`, within the
+    /// PodDisruptionBudget): no deadlock, and no outage with two replicas or more; a single
+    /// replica is down while its successor starts.
+    #[default]
+    ReplaceOneAtATime,
+    /// Keep every old replica until a GPU frees up; past the progress deadline the model is
+    /// Degraded (never rolled back: a full cluster says nothing about the version).
+    Wait,
+}
+
+impl NoSpareGpu {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoSpareGpu::ReplaceOneAtATime => "ReplaceOneAtATime",
+            NoSpareGpu::Wait => "Wait",
         }
     }
 }
@@ -374,6 +431,52 @@ pub struct QuantizedModelStatus {
     /// Label selector of the pods, for the scale subresource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// The last version that fully rolled out: what a failed rollout goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good_version: Option<String>,
+    /// The spec of the last good version (without replicas and autoscaling), re-applied on
+    /// rollback so everything that changed with the failed version goes back too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "opaque_object")]
+    pub last_good_spec: Option<serde_json::Value>,
+    /// Set while the model runs its last good version because the spec's failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackStatus>,
+    /// How the current rollout replaces pods, when the operator changed it from the spec's
+    /// (a GPU rollout without a spare GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_strategy: Option<String>,
+    /// What a rollout of this model needs, when that is worth saying (a single-replica GPU
+    /// model: a spare GPU or a brief outage, and which `rollout.noSpareGpu` chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_note: Option<String>,
+}
+
+/// A rollout that failed and was undone.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackStatus {
+    pub failed_version: String,
+    /// Why it failed: a pod cause (`CrashLoopBackOff`, `ImagePullBackOff`, ...),
+    /// `ProgressDeadlineExceeded` or `NotReady`.
+    pub reason: String,
+    pub message: String,
+    pub rolled_back_to: String,
+    pub time: Time,
+    /// The failed spec (without replicas and autoscaling): a spec that differs is tried.
+    #[schemars(schema_with = "opaque_object")]
+    pub failed_spec: serde_json::Value,
+    /// The `serving.qmodel.dev/retry-rollout` annotation when it failed: a new value retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_annotation: Option<String>,
+}
+
+/// An object the apiserver stores as it is (a spec snapshot the operator alone reads).
+fn opaque_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// The CustomResourceDefinition as YAML, as `qmodel-operator crd` prints it.
@@ -438,7 +541,15 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["READY", "VERSION", "PRECISION", "DEVICE", "ENDPOINT", "AGE"]
+            [
+                "READY",
+                "VERSION",
+                "LAST-GOOD",
+                "PRECISION",
+                "DEVICE",
+                "ENDPOINT",
+                "AGE"
+            ]
         );
     }
 
@@ -546,6 +657,10 @@ mod tests {
                 "progressDeadlineSeconds must be positive",
             ),
             (json!({"model": {"name": "a..b"}}), "must not contain '..'"),
+            (
+                json!({"rollout": {"readyTimeoutSeconds": 0}}),
+                "readyTimeoutSeconds must be positive",
+            ),
         ];
         for (spec, message) in cases {
             let errors = cel_errors(spec.clone());

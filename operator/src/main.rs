@@ -6,6 +6,7 @@ mod crd;
 mod leader;
 mod metrics;
 mod resources;
+mod rollout;
 mod status;
 #[cfg(test)]
 mod testing;

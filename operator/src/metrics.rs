@@ -18,6 +18,7 @@ pub struct Metrics {
     pub reconciliations: IntCounter,
     pub failures: IntCounterVec,
     pub invalid_specs: IntCounter,
+    pub rollbacks: IntCounter,
     pub reconcile_duration: Histogram,
     pub leader: IntGauge,
     /// Set once start-up finished (client built, leader election running).
@@ -43,6 +44,11 @@ impl Default for Metrics {
             "Reconciliations that found a spec it cannot serve",
         )
         .expect("valid metric");
+        let rollbacks = IntCounter::new(
+            "rollbacks_total",
+            "Failed rollouts put back on the model's last good version",
+        )
+        .expect("valid metric");
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new("reconcile_duration_seconds", "Duration of reconciliations")
                 .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -54,6 +60,7 @@ impl Default for Metrics {
             Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(invalid_specs.clone()),
+            Box::new(rollbacks.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(leader.clone()),
         ] {
@@ -66,6 +73,7 @@ impl Default for Metrics {
             reconciliations,
             failures,
             invalid_specs,
+            rollbacks,
             reconcile_duration,
             leader,
             ready: AtomicBool::new(false),

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
     Lifecycle, LifecycleHandler, NodeAffinity, NodeSelector, NodeSelectorRequirement,
     NodeSelectorTerm, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec as CoreServiceSpec,
-    SleepAction, Toleration, Volume, VolumeMount,
+    SleepAction, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -418,6 +418,12 @@ fn deployment(
         node_selector: (!placement.node_selector.is_empty()).then_some(placement.node_selector),
         tolerations: (!placement.tolerations.is_empty()).then_some(placement.tolerations),
         affinity: placement.affinity,
+        topology_spread_constraints: Some(
+            spec.topology_spread_constraints
+                .clone()
+                .unwrap_or_else(|| vec![spread_across_nodes(name)]),
+        )
+        .filter(|constraints| !constraints.is_empty()),
         runtime_class_name: placement.runtime_class_name,
         ..PodSpec::default()
     };
@@ -451,6 +457,25 @@ fn deployment(
             ..DeploymentSpec::default()
         }),
         status: None,
+    }
+}
+
+/// Replicas on different nodes where the scheduler can, so one node's loss leaves the others
+/// (the PodDisruptionBudget covers voluntary disruptions). Skew is counted per ReplicaSet
+/// (`pod-template-hash`), so a rollout's new pods spread too; `ScheduleAnyway`, so a cluster
+/// with fewer nodes than replicas still runs them all. Set whatever the replica count: a scale
+/// from 1 to 2 must not change the pod template and roll every pod.
+fn spread_across_nodes(name: &str) -> TopologySpreadConstraint {
+    TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "kubernetes.io/hostname".to_owned(),
+        when_unsatisfiable: "ScheduleAnyway".to_owned(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(name)),
+            ..LabelSelector::default()
+        }),
+        match_label_keys: Some(vec!["pod-template-hash".to_owned()]),
+        ..TopologySpreadConstraint::default()
     }
 }
 
@@ -738,6 +763,43 @@ mod tests {
             ["--shutdown-grace", "7"]
         );
         assert_eq!(pod_spec(&state).termination_grace_period_seconds, Some(60));
+    }
+
+    #[test]
+    fn replicas_spread_across_nodes_by_default_and_the_spec_can_replace_or_drop_it() {
+        let config = OperatorConfig::default();
+        let spread = |spec| {
+            pod_spec(&desired_state(&model(spec), &config).unwrap())
+                .topology_spread_constraints
+                .clone()
+        };
+        let default = spread(json!({"replicas": 3})).unwrap();
+        assert_eq!(default, [spread_across_nodes("bge")]);
+        assert_eq!(default[0].topology_key, "kubernetes.io/hostname");
+        assert_eq!(default[0].when_unsatisfiable, "ScheduleAnyway");
+        assert_eq!(
+            default[0].match_label_keys.as_deref(),
+            Some(&["pod-template-hash".to_owned()][..])
+        );
+        assert_eq!(
+            spread(json!({"replicas": 1})),
+            Some(default.clone()),
+            "the same template at any scale: scaling 1 -> 2 rolls no pod"
+        );
+        let zones = json!([{"maxSkew": 2, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}]);
+        let custom = spread(json!({"replicas": 3, "topologySpreadConstraints": zones})).unwrap();
+        assert_eq!(
+            (
+                custom.len(),
+                custom[0].topology_key.as_str(),
+                custom[0].max_skew
+            ),
+            (1, "topology.kubernetes.io/zone", 2)
+        );
+        assert_eq!(
+            spread(json!({"replicas": 3, "topologySpreadConstraints": []})),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{QuantizedModel, QuantizedModelStatus};
 use crate::resources::{CONTAINER_NAME, DesiredState, MODEL_VERSION_KEY, SpecError};
+use crate::rollout::{self, NOT_READY, ONE_AT_A_TIME, Plan, RETRY_ANNOTATION};
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -16,10 +17,14 @@ pub const DEGRADED: &str = "Degraded";
 /// Whether the model's Service has a replica to send requests to right now, whatever version
 /// it runs: unlike `Ready`, it stays True through a rollout or a scale-up.
 pub const AVAILABLE: &str = "Available";
+/// True while the model runs its last good version because the spec's failed to roll out.
+pub const ROLLED_BACK: &str = "RolledBack";
 
 const INVALID_SPEC: &str = "InvalidSpec";
-const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
 const ROLLING_OUT: &str = "RollingOut";
+/// The Event of a rollout switched to one pod at a time.
+const NO_SPARE_GPU: &str = "NoSpareGpu";
 /// Degraded reasons naming why a pod's server container cannot run; also the Event reasons.
 pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
 pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
@@ -38,6 +43,8 @@ pub enum Observation<'a> {
     /// The desired objects were applied; `deployment` is the Deployment as the API server
     /// returned it.
     Applied {
+        /// What was applied: the spec's version, or the last good one after a failure.
+        plan: &'a Plan,
         desired: &'a DesiredState,
         deployment: &'a Deployment,
         /// The model's pods (its selector), of every version.
@@ -209,8 +216,6 @@ pub fn status(
                 .map_or_else(|| now.clone(), |c| c.last_transition_time.clone()),
         }
     };
-    let version = model.spec.model.version.clone();
-
     match observation {
         Observation::Invalid(error) => QuantizedModelStatus {
             observed_generation: generation,
@@ -231,10 +236,23 @@ pub fn status(
             ..previous
         },
         Observation::Applied {
+            plan,
             desired,
             deployment,
             pods,
         } => {
+            let version = plan.version().to_owned();
+            let rollback = plan.rollback.as_ref();
+            // The pods of a rolled-back version are leaving; the rollback says why they failed.
+            let pods: Vec<Pod> = pods
+                .iter()
+                .filter(|pod| {
+                    rollback.is_none_or(|r| {
+                        pod.labels().get(MODEL_VERSION_KEY) != Some(&r.failed_version)
+                    })
+                })
+                .cloned()
+                .collect();
             let deployment_status = deployment.status.clone().unwrap_or_default();
             let replicas = deployment
                 .spec
@@ -242,17 +260,27 @@ pub fn status(
                 .and_then(|s| s.replicas)
                 .unwrap_or(1);
             let rollout = rollout(deployment);
-            let (ready, ready_reason, ready_message) = match &rollout {
-                Rollout::Complete if replicas == 0 => {
+            let (ready, ready_reason, ready_message) = match (&rollout, rollback) {
+                (Rollout::Complete, Some(rollback)) => (
+                    false,
+                    ROLLED_BACK,
+                    format!(
+                        "version {} failed; {replicas} replicas serve version {version}",
+                        rollback.failed_version
+                    ),
+                ),
+                (Rollout::Complete, None) if replicas == 0 => {
                     (false, "ScaledToZero", "no replicas requested".to_owned())
                 }
-                Rollout::Complete => (
+                (Rollout::Complete, None) => (
                     true,
                     "Available",
                     format!("{replicas} replicas serve version {version}"),
                 ),
-                Rollout::InProgress(message) => (false, ROLLING_OUT, message.clone()),
-                Rollout::Stalled(message) => (false, PROGRESS_DEADLINE_EXCEEDED, message.clone()),
+                (Rollout::InProgress(message), _) => (false, ROLLING_OUT, message.clone()),
+                (Rollout::Stalled(message), _) => {
+                    (false, PROGRESS_DEADLINE_EXCEEDED, message.clone())
+                }
             };
             let progressing = match &rollout {
                 Rollout::InProgress(message) => {
@@ -264,27 +292,44 @@ pub fn status(
                     PROGRESS_DEADLINE_EXCEEDED,
                     message.clone(),
                 ),
-                Rollout::Complete => condition(
-                    PROGRESSING,
-                    false,
-                    "RolloutComplete",
-                    format!("version {version} rolled out"),
-                ),
+                Rollout::Complete => match rollback {
+                    Some(rollback) => condition(
+                        PROGRESSING,
+                        false,
+                        ROLLED_BACK,
+                        format!(
+                            "version {} failed and was rolled back to {version}",
+                            rollback.failed_version
+                        ),
+                    ),
+                    None => condition(
+                        PROGRESSING,
+                        false,
+                        "RolloutComplete",
+                        format!("version {version} rolled out"),
+                    ),
+                },
             };
-            // The most specific cause first: a stuck pod says why a deadline passed.
-            let degraded = match (
-                pod_failure(pods, &version),
-                &rollout,
-                replica_failure(deployment),
-            ) {
-                (Some(failure), _, _) => {
-                    condition(DEGRADED, true, &failure.reason, failure.message)
-                }
-                (None, Rollout::Stalled(message), _) => {
-                    condition(DEGRADED, true, PROGRESS_DEADLINE_EXCEEDED, message.clone())
-                }
-                (None, _, Some((reason, message))) => condition(DEGRADED, true, &reason, message),
-                (None, _, None) => condition(DEGRADED, false, "AsExpected", String::new()),
+            // The most specific cause first: a stuck pod says why a deadline passed, a rollback
+            // why the spec's version is not what runs.
+            let degraded = if let Some(failure) = pod_failure(&pods, &version) {
+                condition(DEGRADED, true, &failure.reason, failure.message)
+            } else if let Some(rollback) = rollback {
+                condition(
+                    DEGRADED,
+                    true,
+                    &rollback.reason,
+                    format!(
+                        "version {} rolled back to {}: {}",
+                        rollback.failed_version, rollback.rolled_back_to, rollback.message
+                    ),
+                )
+            } else if let Rollout::Stalled(message) = &rollout {
+                condition(DEGRADED, true, PROGRESS_DEADLINE_EXCEEDED, message.clone())
+            } else if let Some((reason, message)) = replica_failure(deployment) {
+                condition(DEGRADED, true, &reason, message)
+            } else {
+                condition(DEGRADED, false, "AsExpected", String::new())
             };
             let available_replicas = deployment_status.available_replicas.unwrap_or_default();
             let available = condition(
@@ -297,6 +342,31 @@ pub fn status(
                 },
                 format!("{available_replicas} replicas available"),
             );
+            let rolled_back = match rollback {
+                Some(rollback) => condition(
+                    ROLLED_BACK,
+                    true,
+                    &rollback.reason,
+                    format!(
+                        "version {} failed ({}: {}); rolled back to {}. Change the spec, or the {RETRY_ANNOTATION} annotation, to try again",
+                        rollback.failed_version,
+                        rollback.reason,
+                        rollback.message,
+                        rollback.rolled_back_to
+                    ),
+                ),
+                None => condition(ROLLED_BACK, false, "NotRolledBack", String::new()),
+            };
+            let complete = rollout == Rollout::Complete;
+            // The last good version moves on when the spec itself rolled out, never on rollback.
+            let (last_good_version, last_good_spec) = if complete && rollback.is_none() {
+                (
+                    Some(version.clone()),
+                    Some(rollout::template_spec(&plan.spec)),
+                )
+            } else {
+                (previous.last_good_version, previous.last_good_spec)
+            };
             QuantizedModelStatus {
                 observed_generation: generation,
                 conditions: vec![
@@ -304,20 +374,27 @@ pub fn status(
                     progressing,
                     degraded,
                     available,
+                    rolled_back,
                 ],
                 replicas: deployment_status.replicas.unwrap_or_default(),
                 ready_replicas: deployment_status.ready_replicas.unwrap_or_default(),
                 updated_replicas: deployment_status.updated_replicas.unwrap_or_default(),
-                current_version: if rollout == Rollout::Complete {
-                    Some(version.clone())
+                current_version: if complete {
+                    Some(version)
                 } else {
                     previous.current_version
                 },
-                desired_version: Some(version),
+                desired_version: Some(model.spec.model.version.clone()),
                 image: Some(desired.image.clone()),
                 device: Some(desired.device.as_str().to_owned()),
                 endpoint: Some(desired.endpoint.clone()),
                 selector: Some(desired.selector.clone()),
+                last_good_version,
+                last_good_spec,
+                rollback: rollback.cloned(),
+                rollout_strategy: (plan.one_at_a_time && !complete)
+                    .then(|| ONE_AT_A_TIME.to_owned()),
+                rollout_note: rollout::rollout_note(&model.spec),
             }
         }
     }
@@ -389,6 +466,22 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
             ),
         ));
     }
+    if let Some(rollback) = &new.rollback
+        && old.rollback.as_ref().map(|r| &r.time) != Some(&rollback.time)
+    {
+        let message = find(new, ROLLED_BACK).map_or_else(String::new, |c| c.message.clone());
+        events.push(event(EventType::Warning, ROLLED_BACK, message));
+    }
+    if new.rollout_strategy.is_some() && old.rollout_strategy.is_none() {
+        events.push(event(
+            EventType::Normal,
+            NO_SPARE_GPU,
+            format!(
+                "no node has a GPU free for a surge pod: replacing the replicas of version {} one at a time",
+                new.desired_version.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
     if let Some(degraded) = find(new, DEGRADED).filter(|c| c.status == "True") {
         let already_reported = find(old, DEGRADED).is_some_and(|c| {
             c.status == "True" && c.reason == degraded.reason && c.message == degraded.message
@@ -397,7 +490,7 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
             let reason = match degraded.reason.as_str() {
                 INVALID_SPEC => INVALID_SPEC,
                 PROGRESS_DEADLINE_EXCEEDED => "RolloutStalled",
-                cause @ (IMAGE_PULL_BACK_OFF | CRASH_LOOP_BACK_OFF) => cause,
+                cause @ (IMAGE_PULL_BACK_OFF | CRASH_LOOP_BACK_OFF | NOT_READY) => cause,
                 cause if CONTAINER_CANNOT_START.contains(&cause) => cause,
                 _ => "ReplicaFailure",
             };
@@ -410,6 +503,7 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;
 
@@ -465,6 +559,7 @@ mod tests {
         super::status(
             qm,
             &Observation::Applied {
+                plan: &Plan::of(qm),
                 desired: &desired,
                 deployment: &deployment,
                 pods,
@@ -882,5 +977,175 @@ mod tests {
             "the old Deployment still serves"
         );
         assert_eq!(reasons(&events(Some(&serving), &status)), ["InvalidSpec"]);
+    }
+
+    /// The status of `qm` after its failed 2.0.0 rollout was put back on 1.0.0.
+    fn rolled_back(
+        qm: &QuantizedModel,
+        status: DeploymentStatus,
+        pods: &[Pod],
+    ) -> QuantizedModelStatus {
+        let plan = Plan::of(qm);
+        let verdict = crate::rollout::judge(
+            qm,
+            &plan,
+            &applied(qm, 2, deployment_status(2, 2, 1, 1)).1,
+            pods,
+            &at(50),
+        );
+        let plan = plan.after(qm, verdict).expect("a rollback");
+        let desired = desired_state(&plan.model(qm), &OperatorConfig::default()).unwrap();
+        let mut deployment = desired.deployment.clone();
+        deployment.metadata.generation = Some(3);
+        deployment.status = Some(DeploymentStatus {
+            observed_generation: Some(3),
+            ..status
+        });
+        super::status(
+            qm,
+            &Observation::Applied {
+                plan: &plan,
+                desired: &desired,
+                deployment: &deployment,
+                pods,
+            },
+            &at(50),
+        )
+    }
+
+    #[test]
+    fn a_rolled_back_model_says_which_version_failed_why_and_what_serves() {
+        let qm = crate::testing::rolling_from_good_1_to_2();
+        let pods = [
+            running("bge-old", "1.0.0"),
+            crash_looping("bge-new", "2.0.0"),
+        ];
+        let status = rolled_back(&qm, deployment_status(3, 2, 1, 1), &pods);
+        assert_eq!(
+            condition(&status, ROLLED_BACK),
+            ("True", CRASH_LOOP_BACK_OFF)
+        );
+        let message = &find(&status, ROLLED_BACK).unwrap().message;
+        assert!(
+            message.contains("version 2.0.0 failed (CrashLoopBackOff: pod bge-new"),
+            "{message}"
+        );
+        assert!(message.contains("rolled back to 1.0.0"), "{message}");
+        assert!(message.contains(RETRY_ANNOTATION), "{message}");
+        assert_eq!(condition(&status, DEGRADED), ("True", CRASH_LOOP_BACK_OFF));
+        assert!(
+            find(&status, DEGRADED)
+                .unwrap()
+                .message
+                .starts_with("version 2.0.0 rolled back to 1.0.0: pod bge-new")
+        );
+        assert_eq!(condition(&status, AVAILABLE), ("True", "ReplicasAvailable"));
+        assert_eq!(
+            status.image.as_deref(),
+            Some("ghcr.io/qmodel/qmodel-server:1.0.0-int8")
+        );
+        assert_eq!(status.desired_version.as_deref(), Some("2.0.0"));
+        assert_eq!(status.rollback.as_ref().unwrap().failed_version, "2.0.0");
+        let published = events(qm.status.as_ref(), &status);
+        assert_eq!(reasons(&published), [ROLLED_BACK, CRASH_LOOP_BACK_OFF]);
+        assert!(published.iter().all(|e| e.type_ == EventType::Warning));
+
+        // Once the failed pods are gone and 1.0.0 runs everywhere again.
+        let mut qm = qm;
+        qm.status = Some(status.clone());
+        let settled = observe(&qm, deployment_status(2, 1, 1, 1), &at(60));
+        assert_eq!(condition(&settled, READY), ("False", ROLLED_BACK));
+        assert_eq!(condition(&settled, PROGRESSING), ("False", ROLLED_BACK));
+        assert_eq!(condition(&settled, ROLLED_BACK).0, "True");
+        assert_eq!(settled.current_version.as_deref(), Some("1.0.0"));
+        assert_eq!(settled.last_good_version.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            settled.last_good_spec,
+            qm.status.as_ref().unwrap().last_good_spec
+        );
+        assert_eq!(find(&settled, DEGRADED), find(&status, DEGRADED));
+        assert!(events(Some(&status), &settled).is_empty(), "reported once");
+
+        // A new spec is tried: the rollback ends.
+        qm.spec.model.version = "2.0.1".into();
+        let retrying = observe(&qm, deployment_status(2, 2, 1, 1), &at(70));
+        assert_eq!(
+            condition(&retrying, ROLLED_BACK),
+            ("False", "NotRolledBack")
+        );
+        assert_eq!(retrying.rollback, None);
+        assert_eq!(
+            retrying.image.as_deref(),
+            Some("ghcr.io/qmodel/qmodel-server:2.0.1-int8")
+        );
+    }
+
+    #[test]
+    fn a_complete_rollout_becomes_the_last_good_version() {
+        let qm = crate::testing::rolling_from_good_1_to_2();
+        let rolling = observe(&qm, deployment_status(2, 3, 1, 2), &at(10));
+        assert_eq!(rolling.last_good_version.as_deref(), Some("1.0.0"));
+        let done = observe(&qm, deployment_status(2, 2, 2, 2), &at(20));
+        assert_eq!(done.last_good_version.as_deref(), Some("2.0.0"));
+        assert_eq!(
+            done.last_good_spec,
+            Some(crate::rollout::template_spec(&qm.spec))
+        );
+        assert_eq!(condition(&done, ROLLED_BACK), ("False", "NotRolledBack"));
+    }
+
+    #[test]
+    fn one_at_a_time_shows_in_status_until_the_rollout_completes() {
+        let mut qm =
+            model(json!({"precision": "fp16", "replicas": 2, "model": {"version": "2.0.0"}}));
+        qm.status = crate::testing::rolling_from_good_1_to_2().status;
+        let before = qm.status.clone();
+        let plan = Plan::of(&qm)
+            .after(&qm, crate::rollout::Verdict::ReplaceOneAtATime)
+            .unwrap();
+        let desired = desired_state(&plan.model(&qm), &OperatorConfig::default()).unwrap();
+        let rolling_update = desired
+            .deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .clone()
+            .unwrap();
+        assert_eq!(rolling_update.max_surge, Some(IntOrString::Int(0)));
+        assert_eq!(rolling_update.max_unavailable, Some(IntOrString::Int(1)));
+        let mut deployment = desired.deployment.clone();
+        deployment.metadata.generation = Some(2);
+        deployment.status = Some(deployment_status(2, 2, 1, 1));
+        let status = super::status(
+            &qm,
+            &Observation::Applied {
+                plan: &plan,
+                desired: &desired,
+                deployment: &deployment,
+                pods: &[],
+            },
+            &at(10),
+        );
+        assert_eq!(status.rollout_strategy.as_deref(), Some(ONE_AT_A_TIME));
+        assert_eq!(
+            status.rollout_note, None,
+            "two replicas: no outage either way"
+        );
+        let published = events(before.as_ref(), &status);
+        assert!(
+            reasons(&published).contains(&"NoSpareGpu"),
+            "{:?}",
+            reasons(&published)
+        );
+
+        qm.status = Some(status);
+        assert!(Plan::of(&qm).one_at_a_time);
+        let done = observe(&qm, deployment_status(2, 2, 2, 2), &at(20));
+        assert_eq!(done.rollout_strategy, None);
+        assert_eq!(done.current_version.as_deref(), Some("2.0.0"));
     }
 }

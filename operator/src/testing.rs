@@ -45,3 +45,12 @@ pub fn rolling_from_1_to_2() -> QuantizedModel {
     });
     qm
 }
+
+/// [`rolling_from_1_to_2`] where 1.0.0 had fully rolled out: a rollback has somewhere to go.
+pub fn rolling_from_good_1_to_2() -> QuantizedModel {
+    let mut qm = rolling_from_1_to_2();
+    let status = qm.status.as_mut().expect("the fixture has a status");
+    status.last_good_version = Some("1.0.0".into());
+    status.last_good_spec = Some(crate::rollout::template_spec(&model(json!({})).spec));
+    qm
+}

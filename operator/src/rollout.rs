@@ -1,0 +1,578 @@
+//! Rollout decisions: pure functions from a model, its status and what the controller observed
+//! to what it applies — the spec's version, or the last good one after a failed rollout — and
+//! how pods are replaced when a GPU rollout finds no spare GPU.
+//!
+//! A rollout moves through these states (the operator README draws them):
+//! - rolling out the spec (surge pods beside the old ones, the spec's `maxSurge`);
+//! - rolling out one at a time, when a GPU model's surge pod cannot get a GPU and
+//!   `noSpareGpu: ReplaceOneAtATime` (`status.rolloutStrategy`), until it completes;
+//! - complete: `status.lastGoodVersion`/`lastGoodSpec` take the spec;
+//! - failed, then rolled back: the last good spec is applied again (`status.rollback`), and
+//!   stays applied until the spec or the retry annotation changes.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use serde_json::Value;
+
+use crate::crd::{Device, NoSpareGpu, QuantizedModel, QuantizedModelSpec, RollbackStatus};
+use crate::resources::MODEL_VERSION_KEY;
+use crate::status::{self, Rollout};
+
+/// Changing this annotation's value retries a spec that was rolled back.
+pub const RETRY_ANNOTATION: &str = "serving.qmodel.dev/retry-rollout";
+/// `status.rolloutStrategy` while pods are replaced one at a time for lack of a spare GPU.
+pub const ONE_AT_A_TIME: &str = "OneAtATime";
+/// Why a rollout failed when a started pod of the new version never became Ready.
+pub const NOT_READY: &str = "NotReady";
+
+/// Spec fields that only size the Deployment: a change to them is no new version to roll out,
+/// and a rollback keeps their current values.
+const SCALE_FIELDS: [&str; 2] = ["replicas", "autoscaling"];
+
+/// The spec as a rollout sees it: everything that shapes the pods, without the scale.
+pub fn template_spec(spec: &QuantizedModelSpec) -> Value {
+    let mut value = serde_json::to_value(spec).expect("a spec serializes to JSON");
+    if let Some(fields) = value.as_object_mut() {
+        for field in SCALE_FIELDS {
+            fields.remove(field);
+        }
+    }
+    value
+}
+
+/// The last good spec with the current scale and rollout settings; `None` if the snapshot no
+/// longer reads as a spec.
+fn last_good_with_current_scale(
+    current: &QuantizedModelSpec,
+    last_good: &Value,
+) -> Option<QuantizedModelSpec> {
+    let mut spec = last_good.clone();
+    let current = serde_json::to_value(current).ok()?;
+    let fields = spec.as_object_mut()?;
+    for field in SCALE_FIELDS.iter().chain(&["rollout"]) {
+        match current.get(*field) {
+            Some(value) => fields.insert((*field).to_owned(), value.clone()),
+            None => fields.remove(*field),
+        };
+    }
+    serde_json::from_value(spec).ok()
+}
+
+/// What one reconcile applies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The spec the objects are rendered from: the model's, or its last good one.
+    pub spec: QuantizedModelSpec,
+    /// The failed rollout this plan undoes, while it is in force.
+    pub rollback: Option<RollbackStatus>,
+    /// Pods are replaced one at a time (no spare GPU for a surge pod).
+    pub one_at_a_time: bool,
+}
+
+impl Plan {
+    /// The plan the model's spec and status call for, before anything is observed.
+    pub fn of(model: &QuantizedModel) -> Self {
+        let status = model.status.clone().unwrap_or_default();
+        let last_good = status
+            .last_good_spec
+            .as_ref()
+            .and_then(|spec| last_good_with_current_scale(&model.spec, spec));
+        let (spec, rollback) = match (status.rollback, last_good) {
+            (Some(rollback), Some(last_good)) if still_rolled_back(model, &rollback) => {
+                (last_good, Some(rollback))
+            }
+            _ => (model.spec.clone(), None),
+        };
+        let mut plan = Plan {
+            spec,
+            rollback,
+            one_at_a_time: false,
+        };
+        if status.rollout_strategy.as_deref() == Some(ONE_AT_A_TIME) {
+            plan.replace_one_at_a_time();
+        }
+        plan
+    }
+
+    /// The model as it is rendered: its spec replaced by the plan's.
+    pub fn model(&self, model: &QuantizedModel) -> QuantizedModel {
+        QuantizedModel {
+            spec: self.spec.clone(),
+            ..model.clone()
+        }
+    }
+
+    /// The version the rendered pods run.
+    pub fn version(&self) -> &str {
+        &self.spec.model.version
+    }
+
+    fn replace_one_at_a_time(&mut self) {
+        self.one_at_a_time = true;
+        self.spec.rollout.max_surge = IntOrString::Int(0);
+        self.spec.rollout.max_unavailable = IntOrString::Int(1);
+    }
+
+    /// The plan after `verdict`, if it changes what is applied.
+    pub fn after(&self, model: &QuantizedModel, verdict: Verdict) -> Option<Plan> {
+        match verdict {
+            Verdict::Proceed => None,
+            Verdict::RollBack(rollback) => {
+                let last_good = model.status.as_ref()?.last_good_spec.as_ref()?;
+                let mut plan = Plan {
+                    spec: last_good_with_current_scale(&model.spec, last_good)?,
+                    rollback: Some(rollback),
+                    one_at_a_time: false,
+                };
+                if self.one_at_a_time {
+                    plan.replace_one_at_a_time();
+                }
+                Some(plan)
+            }
+            Verdict::ReplaceOneAtATime => {
+                let mut plan = self.clone();
+                plan.replace_one_at_a_time();
+                Some(plan)
+            }
+        }
+    }
+}
+
+/// A rollback stays in force while autoRollback is on and neither the spec (beyond its scale)
+/// nor the retry annotation changed since it failed.
+fn still_rolled_back(model: &QuantizedModel, rollback: &RollbackStatus) -> bool {
+    model.spec.rollout.auto_rollback
+        && template_spec(&model.spec) == rollback.failed_spec
+        && model.annotations().get(RETRY_ANNOTATION) == rollback.retry_annotation.as_ref()
+}
+
+/// What the observed state calls for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Proceed,
+    /// The rollout failed: go back to the last good spec.
+    RollBack(RollbackStatus),
+    /// A surge pod waits for a GPU that no node has free: replace pods one at a time.
+    ReplaceOneAtATime,
+}
+
+/// Judges the rollout of `plan` from the applied Deployment and the model's pods.
+pub fn judge(
+    model: &QuantizedModel,
+    plan: &Plan,
+    deployment: &Deployment,
+    pods: &[Pod],
+    now: &Time,
+) -> Verdict {
+    if plan.rollback.is_some() {
+        return Verdict::Proceed;
+    }
+    let version = plan.version();
+    let of_version: Vec<Pod> = pods
+        .iter()
+        .filter(|pod| pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version))
+        .cloned()
+        .collect();
+    let gpu_blocked = waiting_for_gpu(&plan.spec, &of_version);
+    if gpu_blocked.is_some() {
+        let old_replicas_left = deployment.status.as_ref().is_some_and(|s| {
+            s.replicas.unwrap_or_default() > s.updated_replicas.unwrap_or_default()
+        });
+        return if old_replicas_left
+            && !plan.one_at_a_time
+            && plan.spec.rollout.no_spare_gpu == NoSpareGpu::ReplaceOneAtATime
+        {
+            Verdict::ReplaceOneAtATime
+        } else {
+            // Waiting for capacity says nothing about the version: never a reason to roll back.
+            Verdict::Proceed
+        };
+    }
+    let Some((reason, message)) = failure(plan, deployment, &of_version, now) else {
+        return Verdict::Proceed;
+    };
+    let status = model.status.clone().unwrap_or_default();
+    let (Some(last_good_spec), Some(last_good_version)) =
+        (status.last_good_spec, status.last_good_version)
+    else {
+        return Verdict::Proceed;
+    };
+    let failed_spec = template_spec(&model.spec);
+    let can_roll_back = model.spec.rollout.auto_rollback
+        && failed_spec != last_good_spec
+        && last_good_with_current_scale(&model.spec, &last_good_spec).is_some();
+    if !can_roll_back {
+        return Verdict::Proceed;
+    }
+    Verdict::RollBack(RollbackStatus {
+        failed_version: version.to_owned(),
+        reason,
+        message,
+        rolled_back_to: last_good_version,
+        time: now.clone(),
+        failed_spec,
+        retry_annotation: model.annotations().get(RETRY_ANNOTATION).cloned(),
+    })
+}
+
+/// Why the rollout of `plan` failed, if it did: a pod of its version that cannot run, the
+/// Deployment past its progress deadline, or a started pod not Ready within the bound.
+fn failure(
+    plan: &Plan,
+    deployment: &Deployment,
+    pods_of_version: &[Pod],
+    now: &Time,
+) -> Option<(String, String)> {
+    if let Some(failure) = status::pod_failure(pods_of_version, plan.version()) {
+        return Some((failure.reason, failure.message));
+    }
+    if let Rollout::Stalled(message) = status::rollout(deployment) {
+        return Some((status::PROGRESS_DEADLINE_EXCEEDED.to_owned(), message));
+    }
+    let bound = i64::from(plan.spec.rollout.ready_timeout_seconds);
+    pods_of_version.iter().find_map(|pod| {
+        let started = pod.status.as_ref()?.start_time.as_ref()?;
+        let waited = now.0.as_second() - started.0.as_second();
+        (pod.metadata.deletion_timestamp.is_none() && !ready(pod) && waited > bound).then(|| {
+            (
+                NOT_READY.to_owned(),
+                format!(
+                    "pod {} (version {}) not Ready {waited} s after it started (readyTimeoutSeconds {bound})",
+                    pod.name_any(),
+                    plan.version()
+                ),
+            )
+        })
+    })
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// The scheduler's message for a pod of a GPU model that no node has enough GPUs for.
+fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[Pod]) -> Option<String> {
+    if spec.effective_device() != Device::Gpu {
+        return None;
+    }
+    let resource = spec.gpu.clone().unwrap_or_default().resource_name;
+    pods.iter().find_map(|pod| {
+        let scheduled = pod
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "PodScheduled")?;
+        let message = scheduled.message.as_deref()?;
+        (scheduled.status == "False"
+            && scheduled.reason.as_deref() == Some("Unschedulable")
+            && message.contains(&format!("Insufficient {resource}")))
+        .then(|| message.to_owned())
+    })
+}
+
+/// What a rollout of a single-replica GPU model needs, and what the spec chose.
+pub fn rollout_note(spec: &QuantizedModelSpec) -> Option<String> {
+    if spec.effective_device() != Device::Gpu || spec.autoscaled() || spec.replicas != 1 {
+        return None;
+    }
+    let choice = match spec.rollout.no_spare_gpu {
+        NoSpareGpu::ReplaceOneAtATime => "without one the replica is replaced, a brief outage",
+        NoSpareGpu::Wait => "without one the rollout waits for a GPU to free up",
+    };
+    Some(format!(
+        "one replica on a GPU: a rollout needs a spare GPU or a brief outage; rollout.noSpareGpu is {}: {choice}",
+        spec.rollout.no_spare_gpu.as_str()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{merge, model, rolling_from_good_1_to_2};
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn deployment(replicas: i32, updated: i32, extra_status: Value) -> Deployment {
+        let mut status =
+            json!({"observedGeneration": 2, "replicas": replicas, "updatedReplicas": updated});
+        merge(&mut status, extra_status);
+        serde_json::from_value(json!({
+            "metadata": {"name": "bge", "generation": 2},
+            "spec": {"replicas": updated.max(1), "selector": {}, "template": {}},
+            "status": serde_json::from_value::<DeploymentStatus>(status).unwrap(),
+        }))
+        .unwrap()
+    }
+
+    /// A pod of `version` with `status` (a core/v1 PodStatus as JSON).
+    fn pod(name: &str, version: &str, status: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {MODEL_VERSION_KEY: version}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn crash_looping(name: &str, version: &str) -> Pod {
+        pod(
+            name,
+            version,
+            json!({"containerStatuses": [{
+                "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "message": "model.gguf: truncated"}},
+            }]}),
+        )
+    }
+
+    fn started_not_ready(name: &str, version: &str, started: i64) -> Pod {
+        pod(
+            name,
+            version,
+            json!({
+                "startTime": at(started).0.to_string(),
+                "conditions": [{"type": "Ready", "status": "False"}],
+            }),
+        )
+    }
+
+    fn waiting_for_a_gpu(name: &str, version: &str) -> Pod {
+        pod(
+            name,
+            version,
+            json!({"conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/5 nodes are available: 2 Insufficient nvidia.com/gpu, 3 node(s) didn't match Pod's node affinity/selector.",
+            }]}),
+        )
+    }
+
+    fn judged(qm: &QuantizedModel, deployment: &Deployment, pods: &[Pod]) -> Verdict {
+        judge(qm, &Plan::of(qm), deployment, pods, &at(1000))
+    }
+
+    fn rolled_back(qm: &QuantizedModel, deployment: &Deployment, pods: &[Pod]) -> RollbackStatus {
+        match judged(qm, deployment, pods) {
+            Verdict::RollBack(rollback) => rollback,
+            other => panic!("expected a rollback, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_scale_is_not_part_of_what_rolls_out() {
+        let one = model(json!({"replicas": 1}));
+        let three = model(json!({"replicas": 3, "autoscaling": {"enabled": true}}));
+        assert_eq!(template_spec(&one.spec), template_spec(&three.spec));
+        let args = model(json!({"args": ["--max-batch-tokens", "8192"]}));
+        assert_ne!(template_spec(&one.spec), template_spec(&args.spec));
+    }
+
+    #[test]
+    fn a_crashing_new_version_rolls_back_to_the_last_good_one() {
+        let qm = rolling_from_good_1_to_2();
+        let pods = [crash_looping("bge-new", "2.0.0")];
+        let rollback = rolled_back(&qm, &deployment(2, 1, json!({})), &pods);
+        assert_eq!(rollback.failed_version, "2.0.0");
+        assert_eq!(rollback.rolled_back_to, "1.0.0");
+        assert_eq!(rollback.reason, "CrashLoopBackOff");
+        assert!(
+            rollback.message.contains("model.gguf: truncated"),
+            "{}",
+            rollback.message
+        );
+        assert_eq!(rollback.failed_spec, template_spec(&qm.spec));
+        assert_eq!(rollback.time, at(1000));
+
+        let plan = Plan::of(&qm)
+            .after(&qm, Verdict::RollBack(rollback))
+            .unwrap();
+        assert_eq!(plan.version(), "1.0.0");
+        assert!(plan.rollback.is_some());
+    }
+
+    #[test]
+    fn no_rollback_without_a_last_good_version_with_auto_rollback_off_or_for_an_old_crash() {
+        let pods = [crash_looping("bge-new", "2.0.0")];
+        let stuck = deployment(2, 1, json!({}));
+        let mut first = rolling_from_good_1_to_2();
+        first.status.as_mut().unwrap().last_good_spec = None;
+        assert_eq!(judged(&first, &stuck, &pods), Verdict::Proceed);
+
+        let mut off = rolling_from_good_1_to_2();
+        off.spec.rollout.auto_rollback = false;
+        assert_eq!(judged(&off, &stuck, &pods), Verdict::Proceed);
+
+        let qm = rolling_from_good_1_to_2();
+        let old_crashing = [crash_looping("bge-old", "1.0.0")];
+        assert_eq!(
+            judged(&qm, &stuck, &old_crashing),
+            Verdict::Proceed,
+            "only the new version's pods judge it"
+        );
+
+        // The failing spec is the last good one (nothing else to go back to).
+        let mut same = model(json!({}));
+        same.status = qm.status.clone();
+        let crash_of_good = [crash_looping("bge-a", "1.0.0")];
+        assert_eq!(judged(&same, &stuck, &crash_of_good), Verdict::Proceed);
+    }
+
+    #[test]
+    fn a_rollout_past_its_deadline_or_not_ready_in_time_rolls_back() {
+        let qm = rolling_from_good_1_to_2();
+        let stalled = deployment(
+            2,
+            1,
+            json!({"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]}),
+        );
+        assert_eq!(
+            rolled_back(&qm, &stalled, &[]).reason,
+            "ProgressDeadlineExceeded"
+        );
+
+        let rolling = deployment(2, 1, json!({}));
+        let slow = [started_not_ready("bge-new", "2.0.0", 1000 - 301)];
+        let rollback = rolled_back(&qm, &rolling, &slow);
+        assert_eq!(rollback.reason, NOT_READY);
+        assert!(
+            rollback.message.contains("301 s after it started"),
+            "{}",
+            rollback.message
+        );
+        let in_time = [started_not_ready("bge-new", "2.0.0", 1000 - 299)];
+        assert_eq!(judged(&qm, &rolling, &in_time), Verdict::Proceed);
+    }
+
+    #[test]
+    fn a_rollback_holds_until_the_spec_or_the_retry_annotation_changes() {
+        let mut qm = rolling_from_good_1_to_2();
+        qm.metadata.annotations = Some([(RETRY_ANNOTATION.to_owned(), "a".to_owned())].into());
+        let rollback = rolled_back(
+            &qm,
+            &deployment(2, 1, json!({})),
+            &[crash_looping("bge-new", "2.0.0")],
+        );
+        assert_eq!(rollback.retry_annotation.as_deref(), Some("a"));
+        qm.status.as_mut().unwrap().rollback = Some(rollback);
+
+        let plan = Plan::of(&qm);
+        assert_eq!(plan.version(), "1.0.0", "the failed spec is not retried");
+        assert_eq!(
+            judged(&qm, &deployment(1, 1, json!({})), &[]),
+            Verdict::Proceed
+        );
+
+        let mut scaled = qm.clone();
+        scaled.spec.replicas = 3;
+        let plan = Plan::of(&scaled);
+        assert_eq!(
+            (plan.version(), plan.spec.replicas),
+            ("1.0.0", 3),
+            "a scale is no new spec, and applies"
+        );
+
+        let mut fixed = qm.clone();
+        fixed.spec.model.version = "2.0.1".into();
+        assert_eq!(Plan::of(&fixed).version(), "2.0.1");
+        assert_eq!(Plan::of(&fixed).rollback, None);
+
+        let mut retried = qm.clone();
+        retried.metadata.annotations = Some([(RETRY_ANNOTATION.to_owned(), "b".to_owned())].into());
+        assert_eq!(Plan::of(&retried).version(), "2.0.0");
+
+        let mut off = qm.clone();
+        off.spec.rollout.auto_rollback = false;
+        assert_eq!(Plan::of(&off).version(), "2.0.0");
+    }
+
+    fn gpu_rollout(spec: Value) -> QuantizedModel {
+        let mut qm = rolling_from_good_1_to_2();
+        let mut fp16 = json!({"precision": "fp16", "replicas": 2, "model": {"version": "2.0.0"}});
+        merge(&mut fp16, spec);
+        qm.spec = model(fp16).spec;
+        qm.status.as_mut().unwrap().last_good_spec =
+            Some(template_spec(&model(json!({"precision": "fp16"})).spec));
+        qm
+    }
+
+    #[test]
+    fn a_gpu_surge_pod_without_a_gpu_switches_to_one_at_a_time_and_is_no_failure() {
+        let qm = gpu_rollout(json!({}));
+        let surging = deployment(3, 1, json!({}));
+        let pods = [waiting_for_a_gpu("bge-new", "2.0.0")];
+        assert_eq!(judged(&qm, &surging, &pods), Verdict::ReplaceOneAtATime);
+        let plan = Plan::of(&qm)
+            .after(&qm, Verdict::ReplaceOneAtATime)
+            .unwrap();
+        assert!(plan.one_at_a_time);
+        assert_eq!(
+            (
+                &plan.spec.rollout.max_surge,
+                &plan.spec.rollout.max_unavailable
+            ),
+            (&IntOrString::Int(0), &IntOrString::Int(1))
+        );
+        assert_eq!(plan.version(), "2.0.0");
+
+        // Past the deadline while waiting for a GPU: still not the version's fault.
+        let stalled = deployment(
+            3,
+            1,
+            json!({"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]}),
+        );
+        let mut waiting = gpu_rollout(json!({"rollout": {"noSpareGpu": "Wait"}}));
+        assert_eq!(judged(&waiting, &stalled, &pods), Verdict::Proceed);
+        waiting.status.as_mut().unwrap().rollout_strategy = Some(ONE_AT_A_TIME.into());
+        assert!(
+            Plan::of(&waiting).one_at_a_time,
+            "the switch lasts until the rollout completes"
+        );
+
+        let fresh = deployment(1, 1, json!({}));
+        assert_eq!(
+            judged(&qm, &fresh, &pods),
+            Verdict::Proceed,
+            "no old pod to make room"
+        );
+        let cpu = rolling_from_good_1_to_2();
+        assert_eq!(judged(&cpu, &surging, &pods), Verdict::Proceed);
+    }
+
+    #[test]
+    fn a_single_replica_gpu_model_says_what_its_rollout_needs() {
+        let one = gpu_rollout(json!({"replicas": 1}));
+        let note = rollout_note(&one.spec).unwrap();
+        assert!(note.contains("a spare GPU or a brief outage"), "{note}");
+        assert!(note.contains("ReplaceOneAtATime"), "{note}");
+        let waits = gpu_rollout(json!({"replicas": 1, "rollout": {"noSpareGpu": "Wait"}}));
+        assert!(
+            rollout_note(&waits.spec)
+                .unwrap()
+                .contains("waits for a GPU")
+        );
+        assert_eq!(
+            rollout_note(&gpu_rollout(json!({})).spec),
+            None,
+            "two replicas need neither"
+        );
+        assert_eq!(rollout_note(&model(json!({})).spec), None);
+    }
+}
