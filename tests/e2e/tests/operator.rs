@@ -351,7 +351,8 @@ async fn stalled_rollout_degrades_and_the_old_version_keeps_serving() {
     let env = TestEnv::new("stalled").await;
     let mut operator = env.operator("op");
     operator.wait_ready().await;
-    let spec = |profile: &str| json!({"gpu": {"profile": profile}, "rollout": {"progressDeadlineSeconds": 5}});
+    // autoRollback off: the behaviour without it (the real-node tests roll back).
+    let spec = |profile: &str| json!({"gpu": {"profile": profile}, "rollout": {"progressDeadlineSeconds": 5, "autoRollback": false}});
     env.apply_model(&model("rerank", "v1", "fp16", spec("default")))
         .await
         .expect("apply v1");

@@ -13,7 +13,7 @@ use qmodel_e2e::real_node::{
     self, CORRUPT_VERSION, ClientPod, Load, LoadReport, MISSING_VERSION, OPERATOR_IMAGE_REPOSITORY,
     cluster_ip, info, logs, placement, real_model, require_real_node,
 };
-use qmodel_e2e::{MODEL_LABEL, TestEnv, VERSION_LABEL, condition, helm_install, model, wait_for};
+use qmodel_e2e::{TestEnv, VERSION_LABEL, condition, helm_install, model, wait_for};
 use serde_json::{Value, json};
 
 /// Pods of the baked image start in about a second; the first one on a cold node also unpacks
@@ -408,9 +408,27 @@ async fn deleting_a_pod_of_two_replicas_under_load_fails_no_request() {
     assert_no_failures("pod deletion under load", &report);
 }
 
-/// Applies `version` under load; waits for Degraded with `reason`; checks the Event and that
-/// version 1 kept answering.
-async fn broken_version_is_degraded_while_v1_serves(
+/// The model's pods of `version` (terminating ones too).
+async fn pods_of(env: &TestEnv, name: &str, version: &str) -> Vec<Pod> {
+    env.pods(name)
+        .await
+        .into_iter()
+        .filter(|pod| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(VERSION_LABEL))
+                .map(String::as_str)
+                == Some(version)
+        })
+        .collect()
+}
+
+/// Applies the broken `version` under load over a Ready version 1; waits until the operator
+/// rolls it back by itself (RolledBack and Degraded with `reason`, a RolledBack Event, the
+/// broken pods gone) and checks that no request failed and that the failed version is not
+/// retried. Returns the RolledBack condition's message.
+async fn broken_version_rolls_back_under_load(
     env: &TestEnv,
     name: &str,
     version: &str,
@@ -422,73 +440,108 @@ async fn broken_version_is_degraded_while_v1_serves(
     env.wait_ready(name, "1", START).await;
     let addr = cluster_ip(env, name).await;
     let load = Load::start(&addr, 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     env.apply_model(&real_model(name, version, json!({})))
         .await
         .unwrap();
     let models = env.models();
     let message = wait_for(
-        &format!("{name} Degraded with {reason}"),
+        &format!("{name} RolledBack with {reason}"),
         ROLLOUT,
         || async {
             let model = models.get(name).await.map_err(|e| e.to_string())?;
-            let degraded = condition(&model, "Degraded");
-            if degraded["status"] == "True" && degraded["reason"] == reason {
-                Ok(degraded["message"].as_str().unwrap_or_default().to_owned())
+            let rolled_back = condition(&model, "RolledBack");
+            if rolled_back["status"] == "True" && rolled_back["reason"] == reason {
+                Ok(rolled_back["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned())
             } else {
-                Err(format!("Degraded: {degraded}"))
+                Err(format!(
+                    "RolledBack: {rolled_back}, Degraded: {}",
+                    condition(&model, "Degraded")
+                ))
             }
         },
     )
     .await;
+    let detected = started.elapsed().as_secs_f64();
+    wait_for(&format!("the pods of {version} gone"), ROLLOUT, || async {
+        match pods_of(env, name, version).await.len() {
+            0 => Ok(()),
+            left => Err(format!("{left} left")),
+        }
+    })
+    .await;
     eprintln!(
-        "BENCHMARK {reason}: Degraded after {:.1} s: {message}",
+        "BENCHMARK {reason} version rolled back: decided after {detected:.1} s, its pods gone after {:.1} s: {message}",
         started.elapsed().as_secs_f64()
     );
-    let event = wait_for(
-        &format!("a {reason} Event"),
-        Duration::from_secs(30),
-        || async {
-            env.events(name, reason)
-                .await
-                .into_iter()
-                .next()
-                .ok_or("none yet")
-        },
-    )
+    let event = wait_for("a RolledBack Event", Duration::from_secs(30), || async {
+        env.events(name, "RolledBack")
+            .await
+            .into_iter()
+            .next()
+            .ok_or("none yet")
+    })
     .await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
-    // Version 1 keeps answering for a while longer, the broken surge pod beside it.
+    assert!(
+        event.note.as_deref().unwrap_or_default().contains(version),
+        "{event:?}"
+    );
+
+    // Rolled back and staying there: the failed version is not retried.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let model = models.get(name).await.unwrap();
-    assert_eq!(model.data["status"]["currentVersion"], "1");
-    assert_eq!(condition(&model, "Available")["status"], "True");
-    assert_eq!(info(&addr).await["model_version"], "1");
-    let deployment = env.api::<Deployment>().get(name).await.unwrap();
+    let status = &model.data["status"];
+    assert_eq!(status["currentVersion"], "1", "{status}");
+    assert_eq!(status["lastGoodVersion"], "1", "{status}");
+    assert_eq!(status["desiredVersion"], version, "{status}");
+    assert_eq!(status["rollback"]["failedVersion"], version, "{status}");
+    let degraded = condition(&model, "Degraded");
     assert_eq!(
-        deployment.status.unwrap().available_replicas,
-        Some(1),
-        "maxUnavailable 0 keeps the old replica"
+        (&degraded["status"], &degraded["reason"]),
+        (&json!("True"), &json!(reason)),
+        "{status}"
     );
+    assert_eq!(
+        condition(&model, "Ready")["reason"],
+        "RolledBack",
+        "{status}"
+    );
+    assert_eq!(condition(&model, "Available")["status"], "True");
+    assert!(
+        pods_of(env, name, version).await.is_empty(),
+        "{version} retried"
+    );
+    let template_version = env
+        .api::<Deployment>()
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|spec| spec.template.metadata)
+        .and_then(|metadata| metadata.labels)
+        .and_then(|labels| labels.get(VERSION_LABEL).cloned());
+    assert_eq!(template_version.as_deref(), Some("1"));
+    assert_eq!(info(&addr).await["model_version"], "1");
     assert_no_failures(
-        &format!("version {version} ({reason}) under load"),
+        &format!("version {version} ({reason}) and its rollback under load"),
         &load.stop().await,
     );
     message
 }
 
 #[tokio::test]
-async fn a_missing_image_is_degraded_with_image_pull_back_off_and_v1_keeps_answering() {
+async fn a_missing_image_rolls_back_by_itself_and_fails_no_request() {
     let (env, _turn) = real_env("pullfail").await;
     let mut operator = env.operator("op");
     operator.wait_ready().await;
-    let message = broken_version_is_degraded_while_v1_serves(
-        &env,
-        "nopull",
-        MISSING_VERSION,
-        "ImagePullBackOff",
-    )
-    .await;
+    let message =
+        broken_version_rolls_back_under_load(&env, "nopull", MISSING_VERSION, "ImagePullBackOff")
+            .await;
     assert!(
         message.contains(&format!("qmodel-server:{MISSING_VERSION}-int8")),
         "{message}"
@@ -496,37 +549,56 @@ async fn a_missing_image_is_degraded_with_image_pull_back_off_and_v1_keeps_answe
 }
 
 #[tokio::test]
-async fn a_corrupt_artifact_is_degraded_with_crash_loop_back_off_and_its_error() {
+async fn a_crashing_version_rolls_back_by_itself_with_its_error_and_fails_no_request() {
     let (env, _turn) = real_env("crashloop").await;
     let mut operator = env.operator("op");
     operator.wait_ready().await;
-    let message = broken_version_is_degraded_while_v1_serves(
-        &env,
-        "corrupt",
-        CORRUPT_VERSION,
-        "CrashLoopBackOff",
-    )
-    .await;
+    let message =
+        broken_version_rolls_back_under_load(&env, "corrupt", CORRUPT_VERSION, "CrashLoopBackOff")
+            .await;
     // The server's one-line error, as the kubelet took it from the log (FallbackToLogsOnError).
     assert!(message.contains("exited with code 1"), "{message}");
     assert!(message.contains("model.gguf"), "{message}");
-    let crashing: Vec<Pod> = env
-        .pods("corrupt")
+}
+
+#[tokio::test]
+async fn with_auto_rollback_off_a_crashing_version_stays_degraded_while_v1_serves() {
+    let (env, _turn) = real_env("norollback").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let off = json!({"rollout": {"autoRollback": false}});
+    env.apply_model(&real_model("kept", "1", off.clone()))
         .await
-        .into_iter()
-        .filter(|pod| {
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(MODEL_LABEL))
-                .is_some()
-                && pod
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(VERSION_LABEL))
-                    == Some(&CORRUPT_VERSION.to_owned())
-        })
-        .collect();
-    assert_eq!(crashing.len(), 1, "one surge pod, never more");
+        .unwrap();
+    env.wait_ready("kept", "1", START).await;
+    let addr = cluster_ip(&env, "kept").await;
+    let load = Load::start(&addr, 2);
+    env.apply_model(&real_model("kept", CORRUPT_VERSION, off))
+        .await
+        .unwrap();
+    let models = env.models();
+    wait_for("kept Degraded with CrashLoopBackOff", ROLLOUT, || async {
+        let model = models.get("kept").await.map_err(|e| e.to_string())?;
+        let degraded = condition(&model, "Degraded");
+        if degraded["status"] == "True" && degraded["reason"] == "CrashLoopBackOff" {
+            Ok(())
+        } else {
+            Err(format!("Degraded: {degraded}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let model = models.get("kept").await.unwrap();
+    assert_eq!(condition(&model, "RolledBack")["status"], "False");
+    assert_eq!(model.data["status"]["currentVersion"], "1");
+    assert_eq!(
+        pods_of(&env, "kept", CORRUPT_VERSION).await.len(),
+        1,
+        "one surge pod, never more, and it stays"
+    );
+    assert_eq!(info(&addr).await["model_version"], "1");
+    assert_no_failures(
+        "a crashing version without rollback under load",
+        &load.stop().await,
+    );
 }
