@@ -377,6 +377,16 @@ pub fn model(name: &str, version: &str, precision: &str, spec: Value) -> Value {
     manifest
 }
 
+/// The model version an object (pod, ReplicaSet) carries in its [`VERSION_LABEL`].
+pub fn version_of<K: kube::Resource>(object: &K) -> Option<&str> {
+    object
+        .meta()
+        .labels
+        .as_ref()?
+        .get(VERSION_LABEL)
+        .map(String::as_str)
+}
+
 /// The condition of `type` in a model's status (`Null` when absent).
 pub fn condition<'a>(model: &'a DynamicObject, type_: &str) -> &'a Value {
     model.data["status"]["conditions"]

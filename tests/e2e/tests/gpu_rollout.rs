@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use qmodel_e2e::{TestEnv, VERSION_LABEL, condition, model, wait_for};
+use qmodel_e2e::{TestEnv, condition, model, version_of, wait_for};
 use serde_json::json;
 
 /// Other binaries' namespaces may still be releasing their GPU pods when this one starts.
@@ -92,13 +92,7 @@ async fn a_two_replica_fp16_rollout_without_a_spare_gpu_completes_one_pod_at_a_t
     let mut nodes: Vec<_> = pods
         .iter()
         .map(|pod| {
-            let version = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(VERSION_LABEL))
-                .cloned();
-            assert_eq!(version.as_deref(), Some("v2"));
+            assert_eq!(version_of(pod), Some("v2"));
             pod.spec
                 .as_ref()
                 .and_then(|s| s.node_name.clone())

@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use qmodel_e2e::{
     MODEL_LABEL, RELEASE, RELEASE_NAMESPACE, TestEnv, VERSION_LABEL, command, condition,
-    helm_install, model, repo_root, wait_for,
+    helm_install, model, repo_root, version_of, wait_for,
 };
 use serde_json::json;
 
@@ -316,14 +316,7 @@ async fn version_bump_rolls_out_without_dropping_to_zero_ready() {
         .items;
     let by_version = |version: &str| {
         sets.iter()
-            .find(|rs| {
-                rs.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(VERSION_LABEL))
-                    .map(String::as_str)
-                    == Some(version)
-            })
+            .find(|rs| version_of(*rs) == Some(version))
             .and_then(|rs| rs.status.as_ref())
             .map(|s| (s.replicas, s.ready_replicas.unwrap_or(0)))
             .unwrap_or_else(|| panic!("no ReplicaSet of {version}"))

@@ -13,7 +13,7 @@ use qmodel_e2e::real_node::{
     self, CORRUPT_VERSION, ClientPod, Load, LoadReport, MISSING_VERSION, OPERATOR_IMAGE_REPOSITORY,
     cluster_ip, info, logs, placement, real_model, require_real_node,
 };
-use qmodel_e2e::{TestEnv, VERSION_LABEL, condition, helm_install, model, wait_for};
+use qmodel_e2e::{TestEnv, VERSION_LABEL, condition, helm_install, model, version_of, wait_for};
 use serde_json::{Value, json};
 
 /// Pods of the baked image start in about a second; the first one on a cold node also unpacks
@@ -322,13 +322,7 @@ async fn roll_out_under_load(
             .pods(name)
             .await
             .into_iter()
-            .filter(|pod| {
-                pod.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(VERSION_LABEL))
-                    != Some(&to.to_owned())
-            })
+            .filter(|pod| version_of(pod) != Some(to))
             .count();
         if left == 0 {
             Ok(())
@@ -413,14 +407,7 @@ async fn pods_of(env: &TestEnv, name: &str, version: &str) -> Vec<Pod> {
     env.pods(name)
         .await
         .into_iter()
-        .filter(|pod| {
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(VERSION_LABEL))
-                .map(String::as_str)
-                == Some(version)
-        })
+        .filter(|pod| version_of(pod) == Some(version))
         .collect()
 }
 
