@@ -149,6 +149,7 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
             "NAME",
             "READY",
             "VERSION",
+            "LAST-GOOD",
             "PRECISION",
             "DEVICE",
             "ENDPOINT",
@@ -158,8 +159,16 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
     let endpoint = format!("http://embed.{}.svc.cluster.local:8080", env.namespace);
     assert_eq!(
-        row[..6],
-        ["embed", "True", "v1", "int8", "cpu", endpoint.as_str()]
+        row[..7],
+        [
+            "embed",
+            "True",
+            "v1",
+            "v1",
+            "int8",
+            "cpu",
+            endpoint.as_str()
+        ]
     );
 }
 
