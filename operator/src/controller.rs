@@ -105,35 +105,21 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
             let status = status::status(&model, &Observation::Invalid(&error), &now);
             (status, Action::await_change())
         }
-        Ok(mut desired) => {
-            let mut plan = plan;
-            let mut deployment = apply(&model, &desired, &namespace, &ctx).await?;
+        Ok(desired) => {
+            let deployment = apply(&model, &desired, &namespace, &ctx).await?;
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
             let pods = pods
                 .list(&ListParams::default().labels(&desired.selector))
                 .await?
                 .items;
             let verdict = rollout::judge(&model, &plan, &deployment, &pods, &now);
-            if let Some(next) = plan.after(&model, verdict) {
-                match resources::desired_state(&next.model(&model), &ctx.config) {
-                    Ok(next_desired) => {
-                        match &next.rollback {
-                            Some(rollback) => {
-                                ctx.metrics.rollbacks.inc();
-                                warn!(%namespace, %name, failed = %rollback.failed_version,
-                                    to = %rollback.rolled_back_to, reason = %rollback.reason,
-                                    "rollout failed; rolling back");
-                            }
-                            None => info!(%namespace, %name,
-                                "no spare GPU for a surge pod; replacing pods one at a time"),
-                        }
-                        deployment = apply(&model, &next_desired, &namespace, &ctx).await?;
-                        (plan, desired) = (next, next_desired);
-                    }
-                    Err(error) => warn!(%namespace, %name, %error,
-                        "the rollout's next step cannot be rendered; the spec's stays applied"),
-                }
-            }
+            let (plan, desired, deployment) = match plan.after(&model, verdict) {
+                Some(next) => match next_step(&model, next, &namespace, &ctx).await? {
+                    Some(applied) => applied,
+                    None => (plan, desired, deployment),
+                },
+                None => (plan, desired, deployment),
+            };
             let status = status::status(
                 &model,
                 &Observation::Applied {
@@ -175,6 +161,38 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
         .expect("failure map lock poisoned")
         .remove(&ObjectRef::from(model.as_ref()));
     Ok(action)
+}
+
+/// Applies the rollout's next step (the last good spec, or pods replaced one at a time): the
+/// plan, desired state and stored Deployment in force afterwards, or `None` if the step cannot
+/// be rendered (the operator's configuration changed under it) and the spec's stays applied.
+async fn next_step(
+    model: &QuantizedModel,
+    next: Plan,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Option<(Plan, DesiredState, Deployment)>, kube::Error> {
+    let name = model.name_any();
+    let desired = match resources::desired_state(&next.model(model), &ctx.config) {
+        Ok(desired) => desired,
+        Err(error) => {
+            warn!(%namespace, %name, %error, "the rollout's next step cannot be rendered");
+            return Ok(None);
+        }
+    };
+    match &next.rollback {
+        Some(rollback) => {
+            ctx.metrics.rollbacks.inc();
+            warn!(%namespace, %name, failed = %rollback.failed_version,
+                to = %rollback.rolled_back_to, reason = %rollback.reason,
+                "rollout failed; rolling back");
+        }
+        None => {
+            info!(%namespace, %name, "no spare GPU for a surge pod; replacing pods one at a time")
+        }
+    }
+    let deployment = apply(model, &desired, namespace, ctx).await?;
+    Ok(Some((next, desired, deployment)))
 }
 
 fn apply_params(config: &OperatorConfig) -> PatchParams {
