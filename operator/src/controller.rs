@@ -113,7 +113,7 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
                 .await?
                 .items;
             let verdict = rollout::judge(&model, &plan, &deployment, &pods, &now);
-            let (plan, desired, deployment) = match plan.after(&model, verdict) {
+            let (plan, desired, deployment) = match plan.after(verdict) {
                 Some(next) => match next_step(&model, next, &namespace, &ctx).await? {
                     Some(applied) => applied,
                     None => (plan, desired, deployment),

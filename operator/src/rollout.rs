@@ -75,23 +75,25 @@ pub struct Plan {
 impl Plan {
     /// The plan the model's spec and status call for, before anything is observed.
     pub fn of(model: &QuantizedModel) -> Self {
-        let status = model.status.clone().unwrap_or_default();
-        let last_good = status
-            .last_good_spec
-            .as_ref()
-            .and_then(|spec| last_good_with_current_scale(&model.spec, spec));
-        let (spec, rollback) = match (status.rollback, last_good) {
-            (Some(rollback), Some(last_good)) if still_rolled_back(model, &rollback) => {
-                (last_good, Some(rollback))
-            }
-            _ => (model.spec.clone(), None),
+        let status = model.status.as_ref();
+        let rolled_back = status.and_then(|status| {
+            let rollback = status.rollback.as_ref()?;
+            let last_good = status.last_good_spec.as_ref()?;
+            still_rolled_back(model, rollback)
+                .then(|| last_good_with_current_scale(&model.spec, last_good))
+                .flatten()
+                .map(|spec| (spec, rollback.clone()))
+        });
+        let (spec, rollback) = match rolled_back {
+            Some((last_good, rollback)) => (last_good, Some(rollback)),
+            None => (model.spec.clone(), None),
         };
         let mut plan = Plan {
             spec,
             rollback,
             one_at_a_time: false,
         };
-        if status.rollout_strategy.as_deref() == Some(ONE_AT_A_TIME) {
+        if status.and_then(|s| s.rollout_strategy.as_deref()) == Some(ONE_AT_A_TIME) {
             plan.replace_one_at_a_time();
         }
         plan
@@ -117,13 +119,12 @@ impl Plan {
     }
 
     /// The plan after `verdict`, if it changes what is applied.
-    pub fn after(&self, model: &QuantizedModel, verdict: Verdict) -> Option<Plan> {
+    pub fn after(&self, verdict: Verdict) -> Option<Plan> {
         match verdict {
             Verdict::Proceed => None,
-            Verdict::RollBack(rollback) => {
-                let last_good = model.status.as_ref()?.last_good_spec.as_ref()?;
+            Verdict::RollBack { rollback, to } => {
                 let mut plan = Plan {
-                    spec: last_good_with_current_scale(&model.spec, last_good)?,
+                    spec: *to,
                     rollback: Some(rollback),
                     one_at_a_time: false,
                 };
@@ -153,8 +154,11 @@ fn still_rolled_back(model: &QuantizedModel, rollback: &RollbackStatus) -> bool 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
     Proceed,
-    /// The rollout failed: go back to the last good spec.
-    RollBack(RollbackStatus),
+    /// The rollout failed: go back to the last good spec (`to`, at the current scale).
+    RollBack {
+        rollback: RollbackStatus,
+        to: Box<QuantizedModelSpec>,
+    },
     /// A surge pod waits for a GPU that no node has free: replace pods one at a time.
     ReplaceOneAtATime,
 }
@@ -194,28 +198,33 @@ pub fn judge(
     let Some((reason, message)) = failure(plan, deployment, &of_version, now) else {
         return Verdict::Proceed;
     };
-    let status = model.status.clone().unwrap_or_default();
+    let Some(status) = model.status.as_ref() else {
+        return Verdict::Proceed;
+    };
     let (Some(last_good_spec), Some(last_good_version)) =
-        (status.last_good_spec, status.last_good_version)
+        (&status.last_good_spec, &status.last_good_version)
     else {
         return Verdict::Proceed;
     };
     let failed_spec = template_spec(&model.spec);
-    let can_roll_back = model.spec.rollout.auto_rollback
-        && failed_spec != last_good_spec
-        && last_good_with_current_scale(&model.spec, &last_good_spec).is_some();
-    if !can_roll_back {
+    if !model.spec.rollout.auto_rollback || failed_spec == *last_good_spec {
         return Verdict::Proceed;
     }
-    Verdict::RollBack(RollbackStatus {
-        failed_version: version.to_owned(),
-        reason,
-        message,
-        rolled_back_to: last_good_version,
-        time: now.clone(),
-        failed_spec,
-        retry_annotation: model.annotations().get(RETRY_ANNOTATION).cloned(),
-    })
+    let Some(to) = last_good_with_current_scale(&model.spec, last_good_spec) else {
+        return Verdict::Proceed;
+    };
+    Verdict::RollBack {
+        rollback: RollbackStatus {
+            failed_version: version.to_owned(),
+            reason,
+            message,
+            rolled_back_to: last_good_version.clone(),
+            time: now.clone(),
+            failed_spec,
+            retry_annotation: model.annotations().get(RETRY_ANNOTATION).cloned(),
+        },
+        to: Box::new(to),
+    }
 }
 
 /// Why the rollout of `plan` failed, if it did: a pod of its version that cannot run, the
@@ -371,7 +380,7 @@ mod tests {
 
     fn rolled_back(qm: &QuantizedModel, deployment: &Deployment, pods: &[Pod]) -> RollbackStatus {
         match judged(qm, deployment, pods) {
-            Verdict::RollBack(rollback) => rollback,
+            Verdict::RollBack { rollback, .. } => rollback,
             other => panic!("expected a rollback, got {other:?}"),
         }
     }
@@ -389,7 +398,10 @@ mod tests {
     fn a_crashing_new_version_rolls_back_to_the_last_good_one() {
         let qm = rolling_from_good_1_to_2();
         let pods = [crash_looping("bge-new", "2.0.0")];
-        let rollback = rolled_back(&qm, &deployment(2, 1, json!({})), &pods);
+        let verdict = judged(&qm, &deployment(2, 1, json!({})), &pods);
+        let Verdict::RollBack { rollback, to } = &verdict else {
+            panic!("expected a rollback, got {verdict:?}");
+        };
         assert_eq!(rollback.failed_version, "2.0.0");
         assert_eq!(rollback.rolled_back_to, "1.0.0");
         assert_eq!(rollback.reason, "CrashLoopBackOff");
@@ -400,10 +412,9 @@ mod tests {
         );
         assert_eq!(rollback.failed_spec, template_spec(&qm.spec));
         assert_eq!(rollback.time, at(1000));
+        assert_eq!(to.model.version, "1.0.0");
 
-        let plan = Plan::of(&qm)
-            .after(&qm, Verdict::RollBack(rollback))
-            .unwrap();
+        let plan = Plan::of(&qm).after(verdict.clone()).unwrap();
         assert_eq!(plan.version(), "1.0.0");
         assert!(plan.rollback.is_some());
     }
@@ -519,9 +530,7 @@ mod tests {
         let surging = deployment(3, 1, json!({}));
         let pods = [waiting_for_a_gpu("bge-new", "2.0.0")];
         assert_eq!(judged(&qm, &surging, &pods), Verdict::ReplaceOneAtATime);
-        let plan = Plan::of(&qm)
-            .after(&qm, Verdict::ReplaceOneAtATime)
-            .unwrap();
+        let plan = Plan::of(&qm).after(Verdict::ReplaceOneAtATime).unwrap();
         assert!(plan.one_at_a_time);
         assert_eq!(
             (

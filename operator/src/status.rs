@@ -993,7 +993,7 @@ mod tests {
             pods,
             &at(50),
         );
-        let plan = plan.after(qm, verdict).expect("a rollback");
+        let plan = plan.after(verdict).expect("a rollback");
         let desired = desired_state(&plan.model(qm), &OperatorConfig::default()).unwrap();
         let mut deployment = desired.deployment.clone();
         deployment.metadata.generation = Some(3);
@@ -1101,7 +1101,7 @@ mod tests {
         qm.status = crate::testing::rolling_from_good_1_to_2().status;
         let before = qm.status.clone();
         let plan = Plan::of(&qm)
-            .after(&qm, crate::rollout::Verdict::ReplaceOneAtATime)
+            .after(crate::rollout::Verdict::ReplaceOneAtATime)
             .unwrap();
         let desired = desired_state(&plan.model(&qm), &OperatorConfig::default()).unwrap();
         let rolling_update = desired
