@@ -307,6 +307,34 @@ impl TestEnv {
         .await
     }
 
+    /// Waits until the model's condition `type_` is True with `reason`; its message.
+    pub async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> String {
+        let models = self.models();
+        wait_for(
+            &format!(
+                "QuantizedModel {}/{name} {type_}=True ({reason})",
+                self.namespace
+            ),
+            timeout,
+            || async {
+                let model = models.get(name).await.map_err(|e| e.to_string())?;
+                let found = condition(&model, type_);
+                if found["status"] == "True" && found["reason"] == reason {
+                    Ok(found["message"].as_str().unwrap_or_default().to_owned())
+                } else {
+                    Err(format!("status: {}", model.data["status"]))
+                }
+            },
+        )
+        .await
+    }
+
     /// The pods of a model.
     pub async fn pods(&self, model: &str) -> Vec<Pod> {
         self.api::<Pod>()

@@ -433,26 +433,9 @@ async fn broken_version_rolls_back_under_load(
         .await
         .unwrap();
     let models = env.models();
-    let message = wait_for(
-        &format!("{name} RolledBack with {reason}"),
-        ROLLOUT,
-        || async {
-            let model = models.get(name).await.map_err(|e| e.to_string())?;
-            let rolled_back = condition(&model, "RolledBack");
-            if rolled_back["status"] == "True" && rolled_back["reason"] == reason {
-                Ok(rolled_back["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned())
-            } else {
-                Err(format!(
-                    "RolledBack: {rolled_back}, Degraded: {}",
-                    condition(&model, "Degraded")
-                ))
-            }
-        },
-    )
-    .await;
+    let message = env
+        .wait_condition(name, "RolledBack", reason, ROLLOUT)
+        .await;
     let detected = started.elapsed().as_secs_f64();
     wait_for(&format!("the pods of {version} gone"), ROLLOUT, || async {
         match pods_of(env, name, version).await.len() {
@@ -564,16 +547,8 @@ async fn with_auto_rollback_off_a_crashing_version_stays_degraded_while_v1_serve
         .await
         .unwrap();
     let models = env.models();
-    wait_for("kept Degraded with CrashLoopBackOff", ROLLOUT, || async {
-        let model = models.get("kept").await.map_err(|e| e.to_string())?;
-        let degraded = condition(&model, "Degraded");
-        if degraded["status"] == "True" && degraded["reason"] == "CrashLoopBackOff" {
-            Ok(())
-        } else {
-            Err(format!("Degraded: {degraded}"))
-        }
-    })
-    .await;
+    env.wait_condition("kept", "Degraded", "CrashLoopBackOff", ROLLOUT)
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let model = models.get("kept").await.unwrap();
     assert_eq!(condition(&model, "RolledBack")["status"], "False");
