@@ -180,8 +180,7 @@ pub fn judge(
         .filter(|pod| pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version))
         .cloned()
         .collect();
-    let gpu_blocked = waiting_for_gpu(&plan.spec, &of_version);
-    if gpu_blocked.is_some() {
+    if waiting_for_gpu(&plan.spec, &of_version) {
         let old_replicas_left = deployment.status.as_ref().is_some_and(|s| {
             s.replicas.unwrap_or_default() > s.updated_replicas.unwrap_or_default()
         });
@@ -269,26 +268,27 @@ fn ready(pod: &Pod) -> bool {
         })
 }
 
-/// The scheduler's message for a pod of a GPU model that no node has enough GPUs for.
-fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[Pod]) -> Option<String> {
+/// Whether a pod of a GPU model waits for a node with enough free GPUs (the scheduler's
+/// "Insufficient <resource>").
+fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[Pod]) -> bool {
     if spec.effective_device() != Device::Gpu {
-        return None;
+        return false;
     }
-    let resource = spec.gpu.clone().unwrap_or_default().resource_name;
-    pods.iter().find_map(|pod| {
-        let scheduled = pod
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .find(|c| c.type_ == "PodScheduled")?;
-        let message = scheduled.message.as_deref()?;
-        (scheduled.status == "False"
-            && scheduled.reason.as_deref() == Some("Unschedulable")
-            && message.contains(&format!("Insufficient {resource}")))
-        .then(|| message.to_owned())
-    })
+    let insufficient = format!(
+        "Insufficient {}",
+        spec.gpu.clone().unwrap_or_default().resource_name
+    );
+    pods.iter()
+        .filter_map(|pod| pod.status.as_ref()?.conditions.as_ref())
+        .flatten()
+        .any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+                && c.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(&insufficient))
+        })
 }
 
 /// What a rollout of a single-replica GPU model needs, and what the spec chose.
