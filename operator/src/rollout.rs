@@ -175,10 +175,9 @@ pub fn judge(
         return Verdict::Proceed;
     }
     let version = plan.version();
-    let of_version: Vec<Pod> = pods
+    let of_version: Vec<&Pod> = pods
         .iter()
         .filter(|pod| pod.labels().get(MODEL_VERSION_KEY).map(String::as_str) == Some(version))
-        .cloned()
         .collect();
     if waiting_for_gpu(&plan.spec, &of_version) {
         let old_replicas_left = deployment.status.as_ref().is_some_and(|s| {
@@ -231,10 +230,10 @@ pub fn judge(
 fn failure(
     plan: &Plan,
     deployment: &Deployment,
-    pods_of_version: &[Pod],
+    pods_of_version: &[&Pod],
     now: &Time,
 ) -> Option<(String, String)> {
-    if let Some(failure) = status::pod_failure(pods_of_version, plan.version()) {
+    if let Some(failure) = status::pod_failure(pods_of_version.iter().copied(), plan.version()) {
         return Some((failure.reason, failure.message));
     }
     if let Rollout::Stalled(message) = status::rollout(deployment) {
@@ -270,7 +269,7 @@ fn ready(pod: &Pod) -> bool {
 
 /// Whether a pod of a GPU model waits for a node with enough free GPUs (the scheduler's
 /// "Insufficient <resource>").
-fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[Pod]) -> bool {
+fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[&Pod]) -> bool {
     if spec.effective_device() != Device::Gpu {
         return false;
     }

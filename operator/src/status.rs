@@ -129,9 +129,12 @@ pub struct PodFailure {
 /// as `ImagePullBackOff`), it crashes over and over (`CrashLoopBackOff`, with the exit code and
 /// termination message of its last run), or the kubelet cannot create it. Messages avoid the
 /// kubelet's changing back-off details, so one cause makes one Event.
-pub fn pod_failure(pods: &[Pod], version: &str) -> Option<PodFailure> {
+pub fn pod_failure<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    version: &str,
+) -> Option<PodFailure> {
     let mut pods: Vec<&Pod> = pods
-        .iter()
+        .into_iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none())
         .collect();
     let of_version =
@@ -244,15 +247,10 @@ pub fn status(
             let version = plan.version().to_owned();
             let rollback = plan.rollback.as_ref();
             // The pods of a rolled-back version are leaving; the rollback says why they failed.
-            let pods: Vec<Pod> = pods
-                .iter()
-                .filter(|pod| {
-                    rollback.is_none_or(|r| {
-                        pod.labels().get(MODEL_VERSION_KEY) != Some(&r.failed_version)
-                    })
-                })
-                .cloned()
-                .collect();
+            let pods = pods.iter().filter(|pod| {
+                rollback
+                    .is_none_or(|r| pod.labels().get(MODEL_VERSION_KEY) != Some(&r.failed_version))
+            });
             let deployment_status = deployment.status.clone().unwrap_or_default();
             let replicas = deployment
                 .spec
@@ -312,7 +310,7 @@ pub fn status(
             };
             // The most specific cause first: a stuck pod says why a deadline passed, a rollback
             // why the spec's version is not what runs.
-            let degraded = if let Some(failure) = pod_failure(&pods, &version) {
+            let degraded = if let Some(failure) = pod_failure(pods, &version) {
                 condition(DEGRADED, true, &failure.reason, failure.message)
             } else if let Some(rollback) = rollback {
                 condition(
