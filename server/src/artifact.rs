@@ -75,7 +75,7 @@ pub struct Manifest {
     pub model_id: String,
     pub model_version: String,
     pub task: Task,
-    /// Model family, e.g. `bert`.
+    /// Model family: `bert`, `xlm-roberta`, `mpnet` or `modernbert`.
     pub architecture: String,
     pub pooling: Pooling,
     /// Whether `/embed` normalizes when the request does not say.
@@ -84,6 +84,10 @@ pub struct Manifest {
     pub precision: Precision,
     /// File name (relative to the artifact directory) -> lowercase hex sha256.
     pub files: BTreeMap<String, String>,
+    /// Every file of the checkpoint the artifact was made from (path relative to the
+    /// checkpoint directory) -> lowercase hex sha256: what was quantized, for provenance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checkpoint_files: BTreeMap<String, String>,
     /// The checkpoint's sentence-transformers prompts (`prompts`, `default_prompt_name`).
     #[serde(flatten)]
     pub prompts: crate::prompts::Prompts,

@@ -8,7 +8,7 @@ use anyhow::{Context, ensure};
 use candle_core::{DType, Device, Tensor};
 
 use crate::artifact::{self, MANIFEST_FILE, Manifest, Pooling, TOKENIZER_FILE, Task, WEIGHTS_FILE};
-use crate::models::{Weights, bert, pool};
+use crate::models::{self, Batch, Encoder, Family, Weights, pool};
 use crate::tokenize::Tokenizer;
 
 /// One tokenized input, unpadded. `type_ids` are 0 for a single text and 0/1 for a pair.
@@ -68,11 +68,10 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     let manifest = artifact::verify(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
     ensure!(
-        manifest.architecture == bert::ARCHITECTURE,
-        "{}: architecture {:?} is not supported (only {:?})",
+        Family::from_name(&manifest.architecture).is_some(),
+        "{}: architecture {:?} is not supported (bert, xlm-roberta, mpnet, modernbert)",
         dir.join(MANIFEST_FILE).display(),
         manifest.architecture,
-        bert::ARCHITECTURE
     );
     let candle_device = match device {
         DeviceKind::Cpu => Device::Cpu,
@@ -80,17 +79,17 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     };
     let weights_path = dir.join(WEIGHTS_FILE);
     let weights = Weights::open(&weights_path, candle_device)?;
-    let model = bert::Model::load(&weights, manifest.head_labels())
+    let model = models::load(&weights, manifest.head_labels())
         .with_context(|| format!("{}: cannot build the model", weights_path.display()))?;
     ensure!(
-        manifest.max_input_tokens <= model.config().max_position_embeddings,
+        manifest.max_input_tokens <= model.max_tokens(),
         "{}: max_input_tokens {} exceeds the model's {} positions",
         dir.join(MANIFEST_FILE).display(),
         manifest.max_input_tokens,
-        model.config().max_position_embeddings
+        model.max_tokens()
     );
-    let width = model.config().hidden_size;
-    let backend = Arc::new(BertBackend {
+    let width = model.hidden_size();
+    let backend = Arc::new(EncoderBackend {
         model,
         task: manifest.task,
         pooling: manifest.pooling,
@@ -114,14 +113,15 @@ fn cuda_device() -> anyhow::Result<Device> {
     anyhow::bail!("--device cuda: this binary was built without the `cuda` feature")
 }
 
-struct BertBackend {
-    model: bert::Model,
+/// Any [`Encoder`] behind the [`Backend`] interface: pooling, token states, scores.
+struct EncoderBackend {
+    model: Box<dyn Encoder>,
     task: Task,
     pooling: Pooling,
 }
 
-impl BertBackend {
-    /// Runs the encoder on the batch packed without padding (see [`bert::Batch`]); returns
+impl EncoderBackend {
+    /// Runs the encoder on the batch packed without padding (see [`Batch`]); returns
     /// the last hidden state of every token and the inputs' lengths.
     fn encode(&self, batch: &[Encoding]) -> anyhow::Result<(Tensor, Vec<usize>)> {
         let packed = PackedBatch::new(batch)?;
@@ -143,7 +143,7 @@ impl BertBackend {
     }
 }
 
-/// Encodings back to back without padding: the buffers a [`bert::Batch`] borrows.
+/// Encodings back to back without padding: the buffers a [`Batch`] borrows.
 pub struct PackedBatch {
     ids: Vec<u32>,
     type_ids: Vec<u32>,
@@ -168,8 +168,8 @@ impl PackedBatch {
         })
     }
 
-    pub fn as_batch(&self) -> bert::Batch<'_> {
-        bert::Batch {
+    pub fn as_batch(&self) -> Batch<'_> {
+        Batch {
             ids: &self.ids,
             type_ids: &self.type_ids,
             lens: &self.lens,
@@ -177,12 +177,12 @@ impl PackedBatch {
     }
 }
 
-impl Backend for BertBackend {
+impl Backend for EncoderBackend {
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (hidden, lens) = self.embedder_states(batch)?;
         Ok(pool(
             &hidden,
-            self.model.config().hidden_size,
+            self.model.hidden_size(),
             &lens,
             self.pooling,
         ))
@@ -190,7 +190,7 @@ impl Backend for BertBackend {
 
     fn embed_tokens(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (hidden, lens) = self.embedder_states(batch)?;
-        let width = self.model.config().hidden_size;
+        let width = self.model.hidden_size();
         let mut rest = hidden.as_slice();
         Ok(lens
             .iter()

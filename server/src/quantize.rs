@@ -13,7 +13,7 @@ use crate::artifact::{
     self, MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
 };
 use crate::backend::PackedBatch;
-use crate::models::{INPUT_SCALE, Weights, bert, quantize_tensor, storage_dtype};
+use crate::models::{self, Config, Family, INPUT_SCALE, Weights, quantize_tensor, storage_dtype};
 use crate::tokenize::Tokenizer;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -53,9 +53,11 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
 /// Converts the checkpoint in `args.from` into an artifact in `args.out`.
 pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     let from = &args.from;
-    let hf_config: serde_json::Value = read_json(&from.join("config.json"))?;
-    let config = bert::Config::from_hf(&hf_config)
-        .with_context(|| format!("{}: unsupported config", from.join("config.json").display()))?;
+    let config_path = from.join("config.json");
+    let hf_config: serde_json::Value = read_json(&config_path)?;
+    let family = Family::of(&hf_config).with_context(|| format!("{}", config_path.display()))?;
+    let config = Config::from_hf(family, &hf_config)
+        .with_context(|| format!("{}: unsupported config", config_path.display()))?;
     let head = head_of(&hf_config);
     let head_labels = head.as_ref().map_or(0, |h| h.labels.len());
     let task = match head_labels {
@@ -63,14 +65,15 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         1 => Task::Rerank,
         _ => Task::Classify,
     };
-    let pooling = match task {
-        // A sequence classifier scores the pooled [CLS] state.
-        Task::Rerank | Task::Classify => Pooling::Cls,
-        Task::Embed => pooling_of(from)?,
+    let pooling = match (task, &config) {
+        // A sequence classifier scores the pooled [CLS] state, or ModernBERT's choice.
+        (Task::Rerank | Task::Classify, Config::ModernBert(c)) => c.classifier_pooling,
+        (Task::Rerank | Task::Classify, Config::Bert(_)) => Pooling::Cls,
+        (Task::Embed, _) => pooling_of(from)?,
     };
     let max_input_tokens = max_tokens_of(from)?
-        .unwrap_or(config.max_position_embeddings)
-        .min(config.max_position_embeddings);
+        .unwrap_or(config.max_tokens())
+        .min(config.max_tokens());
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create", args.out.display()))?;
@@ -81,7 +84,8 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         std::fs::remove_file(&manifest_path)
             .with_context(|| format!("{}: cannot remove", manifest_path.display()))?;
     }
-    let checkpoint = Checkpoint::load(from)?;
+    let checkpoint_files = checkpoint_files(from)?;
+    let checkpoint = Checkpoint::load(from, family)?;
     let weights = args.out.join(WEIGHTS_FILE);
     write_gguf(
         &checkpoint,
@@ -131,12 +135,13 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
         model_id,
         model_version: args.model_version.clone(),
         task,
-        architecture: bert::ARCHITECTURE.into(),
+        architecture: family.name().into(),
         pooling,
         normalize: task == Task::Embed && normalizes(from)?,
         max_input_tokens,
         precision: args.precision,
         files,
+        checkpoint_files,
         prompts: crate::prompts::Prompts::read_checkpoint(from)?,
         multi_label: task == Task::Classify && head.as_ref().is_some_and(|h| h.multi_label),
         labels: match (task, head) {
@@ -157,18 +162,18 @@ const CALIBRATION_TEXTS: &str = include_str!("calibration.txt");
 /// 0.7 -> 0.99889, 0.8 -> 0.99878).
 const SMOOTHING_ALPHA: f32 = 0.7;
 
-/// Per channel, the largest |input| of each group of [`bert::smoothed_linears`] over the
+/// Per channel, the largest |input| of each group of [`Config::smoothed_linears`] over the
 /// calibration texts (pairs of consecutive lines for a reranker), measured on the unsmoothed
 /// int8 artifact just written.
 fn observe_activations(
     weights: &Path,
     tokenizer: &Path,
-    config: &bert::Config,
+    config: &Config,
     task: Task,
     max_input_tokens: usize,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     // Without the head: calibration observes the encoder's inputs only.
-    let model = bert::Model::load(&Weights::open(weights, Device::Cpu)?, 0)?;
+    let model = models::load(&Weights::open(weights, Device::Cpu)?, 0)?;
     let tokenizer = Tokenizer::from_file(tokenizer, max_input_tokens)?;
     let texts: Vec<&str> = CALIBRATION_TEXTS
         .lines()
@@ -185,7 +190,7 @@ fn observe_activations(
             .collect(),
     }
     .map_err(|e| anyhow::anyhow!("tokenizing the calibration texts: {e}"))?;
-    let mut max = vec![vec![0f32; config.hidden_size]; bert::smoothed_linears(config).len()];
+    let mut max = vec![vec![0f32; config.hidden_size()]; config.smoothed_linears().len()];
     for batch in encodings.chunks(8) {
         model.observe_activations(&PackedBatch::new(batch)?.as_batch(), &mut max)?;
     }
@@ -216,18 +221,19 @@ struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn load(from: &Path) -> anyhow::Result<Self> {
+    fn load(from: &Path, family: Family) -> anyhow::Result<Self> {
         let source = from.join("model.safetensors");
         let loaded = candle_core::safetensors::load(&source, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
         // Sentence-transformers checkpoints name the encoder bare; classification checkpoints
-        // put it under `bert.` (their `classifier` has no prefix), which wins if both exist.
+        // put it under a prefix (`bert.`, `roberta.`, ...; their head has none), which wins if
+        // both exist.
         let (prefixed, bare): (Vec<_>, Vec<_>) = loaded
             .into_iter()
-            .partition(|(name, _)| name.starts_with("bert."));
-        let mut tensors: HashMap<String, Tensor> = bare.into_iter().collect();
-        for (name, tensor) in prefixed {
-            tensors.insert(name["bert.".len()..].to_owned(), tensor);
+            .partition(|(name, _)| family.is_prefixed(name));
+        let mut tensors = HashMap::new();
+        for (name, tensor) in bare.into_iter().chain(prefixed) {
+            tensors.insert(family.artifact_name(&name), tensor);
         }
         Ok(Self { source, tensors })
     }
@@ -243,12 +249,12 @@ impl Checkpoint {
 }
 
 /// Writes `model.gguf`. With `activation_max` (int8 only), the inputs of
-/// [`bert::smoothed_linears`] are smoothed: their weights stored times `s` per column, and
+/// [`Config::smoothed_linears`] are smoothed: their weights stored times `s` per column, and
 /// `1/s` stored as each one's `input_scale`.
 fn write_gguf(
     checkpoint: &Checkpoint,
     out: &Path,
-    config: &bert::Config,
+    config: &Config,
     head_labels: usize,
     precision: Precision,
     activation_max: Option<&[Vec<f32>]>,
@@ -256,7 +262,8 @@ fn write_gguf(
     let source = checkpoint.source.display();
     // Linear layer prefix -> its smoothing factors.
     let mut smoothing: HashMap<String, Vec<f32>> = HashMap::new();
-    for (group, x_max) in bert::smoothed_linears(config)
+    for (group, x_max) in config
+        .smoothed_linears()
         .into_iter()
         .zip(activation_max.unwrap_or_default())
     {
@@ -277,7 +284,8 @@ fn write_gguf(
             smoothing.insert(prefix, s.clone());
         }
     }
-    let mut quantized = bert::tensors(config, head_labels)
+    let mut quantized = config
+        .tensors(head_labels)
         .into_iter()
         .map(|spec| {
             let name = spec.name;
@@ -324,6 +332,33 @@ fn write_gguf(
     gguf_file::write(&mut file, &metadata, &tensors)
         .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
     std::io::Write::flush(&mut file).with_context(|| format!("{}: cannot write", out.display()))
+}
+
+/// The sha256 of every file under the checkpoint directory `from` (hidden files aside, such as
+/// `models/fetch`'s `.fetched`), by path relative to it.
+fn checkpoint_files(from: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![from.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                continue;
+            }
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let relative = path.strip_prefix(from)?.to_string_lossy().into_owned();
+                files.insert(relative, artifact::sha256_file(&path)?);
+            }
+        }
+    }
+    Ok(files)
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {

@@ -1,6 +1,9 @@
 //! BERT encoder (post-LayerNorm, GELU(erf) feed-forward, absolute positions), as in Hugging
 //! Face `BertModel`, plus the `BertForSequenceClassification` head (pooler + classifier) that
 //! cross-encoder rerankers use. Tensor names are Hugging Face's without the `bert.` prefix.
+//! XLM-RoBERTa and MPNet run on this encoder too ([`super::xlm_roberta`], [`super::mpnet`]):
+//! their position ids start at [`Config::position_offset`], they have one token type or none,
+//! and MPNet adds [`Config::relative_attention`].
 
 use std::collections::HashMap;
 
@@ -12,7 +15,11 @@ use serde::Deserialize;
 
 use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
 
-use super::{Activations, Int8Linear, Linear, Role, RowTable, Weights};
+use super::mpnet::{BIAS_TABLE, RelativeAttention, RelativeBias};
+use super::{
+    Activations, Batch, Encoder, Int8Linear, Linear, Role, RowTable, TensorSpec, Weights,
+    raise_to_abs_max,
+};
 
 pub const ARCHITECTURE: &str = "bert";
 
@@ -27,8 +34,18 @@ pub struct Config {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     pub max_position_embeddings: usize,
+    /// 0: no token-type table (MPNet); 1: every token is type 0 (RoBERTa's pair template
+    /// numbers its segments, the model ignores them).
+    #[serde(default)]
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
+    /// The position id of an input's first token: 0 for BERT, `padding_idx + 1` for
+    /// RoBERTa-style models.
+    #[serde(skip)]
+    pub position_offset: usize,
+    /// MPNet's relative-position attention bias.
+    #[serde(skip)]
+    pub relative_attention: Option<RelativeAttention>,
 }
 
 /// The parts of a Hugging Face `config.json` this implementation cannot honor unless they
@@ -77,9 +94,15 @@ impl Config {
         Ok(self)
     }
 
+    /// The longest input the position table allows.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset)
+    }
+
     pub fn gguf_metadata(&self) -> Vec<(String, Value)> {
         let u32_of = |v: usize| Value::U32(v as u32);
-        vec![
+        let mut metadata = vec![
             (
                 "general.architecture".into(),
                 Value::String(ARCHITECTURE.into()),
@@ -104,7 +127,19 @@ impl Config {
                 "bert.attention.layer_norm_epsilon".into(),
                 Value::F32(self.layer_norm_eps as f32),
             ),
-        ]
+            ("bert.position_offset".into(), u32_of(self.position_offset)),
+        ];
+        if let Some(r) = self.relative_attention {
+            metadata.push((
+                "bert.attention.relative_buckets".into(),
+                u32_of(r.buckets),
+            ));
+            metadata.push((
+                "bert.attention.relative_max_distance".into(),
+                u32_of(r.max_distance),
+            ));
+        }
+        metadata
     }
 
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> anyhow::Result<Self> {
@@ -114,6 +149,13 @@ impl Config {
                 .with_context(|| format!("GGUF metadata has no {key}"))
         };
         let usize_of = |key: &str| -> anyhow::Result<usize> { Ok(get(key)?.to_u32()? as usize) };
+        // Keys added with XLM-RoBERTa and MPNet: absent from BERT artifacts written before.
+        let optional = |key: &str| -> anyhow::Result<Option<usize>> {
+            metadata
+                .get(key)
+                .map(|v| Ok(v.to_u32()? as usize))
+                .transpose()
+        };
         let arch = get("general.architecture")?.to_string()?;
         ensure!(
             arch == ARCHITECTURE,
@@ -128,17 +170,20 @@ impl Config {
             max_position_embeddings: usize_of("bert.context_length")?,
             type_vocab_size: usize_of("bert.token_type_count")?,
             layer_norm_eps: f64::from(get("bert.attention.layer_norm_epsilon")?.to_f32()?),
+            position_offset: optional("bert.position_offset")?.unwrap_or(0),
+            relative_attention: match (
+                optional("bert.attention.relative_buckets")?,
+                optional("bert.attention.relative_max_distance")?,
+            ) {
+                (Some(buckets), Some(max_distance)) => Some(RelativeAttention {
+                    buckets,
+                    max_distance,
+                }),
+                _ => None,
+            },
         }
         .validated()
     }
-}
-
-/// One tensor the model reads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub role: Role,
-    pub shape: Vec<usize>,
 }
 
 /// Every tensor the model reads; `labels` > 0 adds the sequence-classification head with that
@@ -193,25 +238,25 @@ pub fn tensors(config: &Config, labels: usize) -> Vec<TensorSpec> {
         ("token_type_embeddings", Role::Plain, config.type_vocab_size),
     ];
     for (table, role, rows) in embeddings {
-        add(format!("embeddings.{table}.weight"), role, &[rows, h]);
+        if rows > 0 {
+            add(format!("embeddings.{table}.weight"), role, &[rows, h]);
+        }
+    }
+    if let Some(r) = config.relative_attention {
+        add(
+            BIAS_TABLE.into(),
+            Role::Plain,
+            &[r.buckets, config.num_attention_heads],
+        );
     }
     specs
-}
-
-/// A batch packed without padding: the inputs' tokens back to back, `lens[i]` of them for
-/// input `i`. Attention runs per input over its own tokens, so an input's result is computed
-/// by exactly the same operations whatever else shares its batch (padded attention differs in
-/// the last bits, and quantizing activations turns those bits into visible differences).
-pub struct Batch<'a> {
-    pub ids: &'a [u32],
-    pub type_ids: &'a [u32],
-    pub lens: &'a [usize],
 }
 
 struct Embeddings {
     words: RowTable,
     positions: Tensor,
-    token_types: Tensor,
+    /// `None` without a token-type table.
+    token_types: Option<Tensor>,
     norm: LayerNorm,
 }
 
@@ -234,6 +279,7 @@ struct Head {
 pub struct Model {
     config: Config,
     engine: Engine,
+    relative_bias: Option<RelativeBias>,
 }
 
 /// How the encoder runs: on candle (F32/F16 weights, int4, CUDA) or, for int8 weights on the
@@ -262,28 +308,27 @@ impl Model {
         } else {
             Engine::Candle(CandleModel::load(weights, &config, head)?)
         };
-        Ok(Self { config, engine })
+        let relative_bias = config
+            .relative_attention
+            .map(|r| RelativeBias::load(weights, &config, r))
+            .transpose()?;
+        Ok(Self {
+            config,
+            engine,
+            relative_bias,
+        })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
-    pub fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
-        let tokens = batch.ids.len();
-        ensure!(
-            batch.type_ids.len() == tokens && batch.lens.iter().sum::<usize>() == tokens,
-            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
-            batch.type_ids.len(),
-            batch.lens.iter().sum::<usize>()
-        );
-        let max_len = batch.lens.iter().copied().max().unwrap_or(0);
-        ensure!(
-            max_len <= self.config.max_position_embeddings,
-            "{max_len} tokens exceed the model's {} positions",
-            self.config.max_position_embeddings
-        );
+    /// The batch's token types as the model reads them: checked against the table, or all 0
+    /// where the model has one type or none.
+    fn type_ids<'a>(&self, batch: &Batch<'a>) -> anyhow::Result<Option<&'a [u32]>> {
+        if self.config.type_vocab_size <= 1 {
+            return Ok(None);
+        }
         if let Some(&t) = batch
             .type_ids
             .iter()
@@ -294,24 +339,43 @@ impl Model {
                 self.config.type_vocab_size
             );
         }
+        Ok(Some(batch.type_ids))
+    }
+}
+
+impl Encoder for Model {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.config.max_tokens()
+    }
+
+    fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
+        batch.check(self.config.max_tokens())?;
+        let inputs = Inputs {
+            ids: batch.ids,
+            type_ids: self.type_ids(batch)?,
+            lens: batch.lens,
+            relative_bias: self.relative_bias.as_ref(),
+        };
         match &self.engine {
-            Engine::Candle(m) => m.forward(&self.config, batch),
+            Engine::Candle(m) => m.forward(&self.config, &inputs),
             Engine::Int8(m) => {
-                let hidden = m.forward(&self.config, batch, None)?;
+                let hidden = m.forward(&self.config, &inputs, None)?;
                 Ok(Tensor::from_vec(
                     hidden,
-                    (tokens, self.config.hidden_size),
+                    (batch.ids.len(), self.config.hidden_size),
                     &candle_core::Device::Cpu,
                 )?)
             }
         }
     }
 
-    /// Raises `max` (one vector per group of [`smoothed_linears`], `[hidden]` wide) to the
-    /// largest |input| per channel that `batch` brings to those layers: the calibration of
-    /// smoothing, run on an unsmoothed int8 model (whose two-pass activations on those layers
-    /// are within 1e-3 of F32).
-    pub fn observe_activations(&self, batch: &Batch, max: &mut [Vec<f32>]) -> anyhow::Result<()> {
+    /// Run on an unsmoothed int8 model, whose two-pass activations on those layers are within
+    /// 1e-3 of F32.
+    fn observe_activations(&self, batch: &Batch, max: &mut [Vec<f32>]) -> anyhow::Result<()> {
         let Engine::Int8(m) = &self.engine else {
             bail!("activations are observed on int8 weights on the CPU only");
         };
@@ -321,13 +385,19 @@ impl Model {
             "expected {groups} maxima of {} channels",
             self.config.hidden_size
         );
-        m.forward(&self.config, batch, Some(max))?;
+        batch.check(self.config.max_tokens())?;
+        let inputs = Inputs {
+            ids: batch.ids,
+            type_ids: self.type_ids(batch)?,
+            lens: batch.lens,
+            relative_bias: self.relative_bias.as_ref(),
+        };
+        m.forward(&self.config, &inputs, Some(max))?;
         Ok(())
     }
 
-    /// The classifier's logits (one per label) of each input, from the last hidden state of a
-    /// batch with these input lengths: classifier(tanh(pooler([CLS]))).
-    pub fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
+    /// classifier(tanh(pooler([CLS]))).
+    fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
         match &self.engine {
             Engine::Candle(m) => m.score(hidden, lens),
             Engine::Int8(m) => {
@@ -338,13 +408,31 @@ impl Model {
     }
 }
 
+/// A checked batch as the engines read it.
+struct Inputs<'a> {
+    ids: &'a [u32],
+    /// `None`: every token is type 0 (or the model has no types).
+    type_ids: Option<&'a [u32]>,
+    lens: &'a [usize],
+    relative_bias: Option<&'a RelativeBias>,
+}
+
+impl Inputs<'_> {
+    /// Each token's position id.
+    fn positions(&self, offset: usize) -> impl Iterator<Item = usize> + '_ {
+        self.lens.iter().flat_map(move |&len| offset..offset + len)
+    }
+}
+
 impl CandleModel {
     fn load(weights: &Weights, config: &Config, head: bool) -> anyhow::Result<Self> {
         let eps = config.layer_norm_eps;
         let embeddings = Embeddings {
             words: weights.rows("embeddings.word_embeddings.weight")?,
             positions: weights.tensor("embeddings.position_embeddings.weight")?,
-            token_types: weights.tensor("embeddings.token_type_embeddings.weight")?,
+            token_types: (config.type_vocab_size > 0)
+                .then(|| weights.tensor("embeddings.token_type_embeddings.weight"))
+                .transpose()?,
             norm: weights.layer_norm("embeddings.LayerNorm", eps)?,
         };
         ensure!(
@@ -386,23 +474,38 @@ impl CandleModel {
         })
     }
 
-    fn forward(&self, config: &Config, batch: &Batch) -> anyhow::Result<Tensor> {
-        let tokens = batch.ids.len();
+    fn forward(&self, config: &Config, inputs: &Inputs) -> anyhow::Result<Tensor> {
+        let tokens = inputs.ids.len();
         let dev = &self.device;
 
         let mut words = Vec::new();
-        self.embeddings.words.gather(batch.ids, &mut words)?;
+        self.embeddings.words.gather(inputs.ids, &mut words)?;
         let words =
             Tensor::from_vec(words, (tokens, config.hidden_size), dev)?.to_dtype(self.dtype)?;
-        let positions: Vec<u32> = batch.lens.iter().flat_map(|&len| 0..len as u32).collect();
+        let positions: Vec<u32> = inputs
+            .positions(config.position_offset)
+            .map(|p| p as u32)
+            .collect();
         let positions = Tensor::from_vec(positions, tokens, dev)?;
-        let types = Tensor::from_slice(batch.type_ids, tokens, dev)?;
-        let xs = (words
-            + self.embeddings.positions.index_select(&positions, 0)?
-            + self.embeddings.token_types.index_select(&types, 0)?)?;
+        let mut xs = (words + self.embeddings.positions.index_select(&positions, 0)?)?;
+        if let Some(table) = &self.embeddings.token_types {
+            let types = match inputs.type_ids {
+                Some(types) => Tensor::from_slice(types, tokens, dev)?,
+                None => Tensor::zeros(tokens, DType::U32, dev)?,
+            };
+            xs = (xs + table.index_select(&types, 0)?)?;
+        }
         let mut xs = self.embeddings.norm.forward(&xs)?;
+        let biases = match inputs.relative_bias {
+            Some(bias) => inputs
+                .lens
+                .iter()
+                .map(|&len| bias.tensor(len, self.dtype, dev).map(Some))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            None => vec![None; inputs.lens.len()],
+        };
         for layer in &self.layers {
-            xs = layer.forward(&xs, batch.lens, config.num_attention_heads)?;
+            xs = layer.forward(&xs, inputs.lens, &biases, config.num_attention_heads)?;
         }
         Ok(xs)
     }
@@ -428,7 +531,14 @@ impl CandleModel {
 }
 
 impl Layer {
-    fn forward(&self, xs: &Tensor, lens: &[usize], heads: usize) -> anyhow::Result<Tensor> {
+    /// `biases`: each input's `[heads, len, len]` attention bias, if the model has one.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        biases: &[Option<Tensor>],
+        heads: usize,
+    ) -> anyhow::Result<Tensor> {
         let h = xs.dim(1)?;
         let hd = h / heads;
         // Scaling q rather than the scores touches hd values per token instead of len.
@@ -437,7 +547,7 @@ impl Layer {
         let v = self.value.forward(xs)?;
         let mut contexts = Vec::with_capacity(lens.len());
         let mut start = 0;
-        for &len in lens {
+        for (&len, bias) in lens.iter().zip(biases) {
             // [len, h] -> [heads, len, hd]
             let split = |t: &Tensor| -> candle_core::Result<Tensor> {
                 t.narrow(0, start, len)?
@@ -445,7 +555,10 @@ impl Layer {
                     .transpose(0, 1)?
                     .contiguous()
             };
-            let scores = split(&q)?.matmul(&split(&k)?.t()?)?;
+            let mut scores = split(&q)?.matmul(&split(&k)?.t()?)?;
+            if let Some(bias) = bias {
+                scores = (scores + bias)?;
+            }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let context = probs
                 .matmul(&split(&v)?)?
@@ -620,7 +733,11 @@ impl Int8Model {
         Ok(Self {
             words,
             positions: weights.values("embeddings.position_embeddings.weight")?,
-            token_types: weights.values("embeddings.token_type_embeddings.weight")?,
+            token_types: if config.type_vocab_size > 0 {
+                weights.values("embeddings.token_type_embeddings.weight")?
+            } else {
+                Vec::new()
+            },
             norm: Norm::load(weights, "embeddings.LayerNorm", eps)?,
             layers,
             head,
@@ -632,17 +749,22 @@ impl Int8Model {
     fn forward(
         &self,
         config: &Config,
-        batch: &Batch,
+        inputs: &Inputs,
         mut observed: Option<&mut [Vec<f32>]>,
     ) -> anyhow::Result<Vec<f32>> {
         let (h, ff) = (config.hidden_size, config.intermediate_size);
-        let tokens = batch.ids.len();
+        let tokens = inputs.ids.len();
         let mut x = Vec::with_capacity(tokens * h);
-        self.words.gather(batch.ids, &mut x)?;
-        let positions = batch.lens.iter().flat_map(|&len| 0..len);
-        for ((row, pos), &ty) in x.chunks_exact_mut(h).zip(positions).zip(batch.type_ids) {
+        self.words.gather(inputs.ids, &mut x)?;
+        let positions = inputs.positions(config.position_offset);
+        for (t, (row, pos)) in x.chunks_exact_mut(h).zip(positions).enumerate() {
             let p = &self.positions[pos * h..(pos + 1) * h];
-            let t = &self.token_types[ty as usize * h..(ty as usize + 1) * h];
+            if self.token_types.is_empty() {
+                row.iter_mut().zip(p).for_each(|(v, p)| *v += p);
+                continue;
+            }
+            let ty = inputs.type_ids.map_or(0, |types| types[t] as usize);
+            let t = &self.token_types[ty * h..(ty + 1) * h];
             for ((v, p), t) in row.iter_mut().zip(p).zip(t) {
                 *v = (*v + p) + t;
             }
@@ -659,9 +781,10 @@ impl Int8Model {
             layer.qkv.forward(&x, tokens, Activation::None, &mut qkv);
             attention(
                 &qkv,
-                batch.lens,
+                inputs.lens,
                 config.num_attention_heads,
                 h,
+                inputs.relative_bias,
                 &mut context,
             );
             layer
@@ -732,19 +855,18 @@ fn qkv_prefixes(layer: usize) -> [String; 3] {
     ["query", "key", "value"].map(|p| format!("encoder.layer.{layer}.attention.self.{p}"))
 }
 
-fn raise_to_abs_max(max: &mut [f32], rows: &[f32]) {
-    for row in rows.chunks_exact(max.len()) {
-        max.iter_mut()
-            .zip(row)
-            .for_each(|(m, x)| *m = m.max(x.abs()));
-    }
-}
-
 /// Self-attention of a packed batch: `qkv` is `[tokens, 3 * h]` (Q already scaled), `context`
-/// gets `[tokens, h]`. One task per (input, head) on the kernels' pool, each attending over its
+/// gets `[tokens, h]`; `bias` is added to the scores (MPNet). One task per (input, head) on the kernels' pool, each attending over its
 /// own input's tokens only, in F32, single-threaded `gemm`: an input's result is computed the
 /// same way whatever else is in the batch.
-fn attention(qkv: &[f32], lens: &[usize], heads: usize, h: usize, context: &mut [f32]) {
+fn attention(
+    qkv: &[f32],
+    lens: &[usize],
+    heads: usize,
+    h: usize,
+    bias: Option<&RelativeBias>,
+    context: &mut [f32],
+) {
     let hd = h / heads;
     let stride = 3 * h;
     let starts: Vec<usize> = lens
@@ -796,6 +918,9 @@ fn attention(qkv: &[f32], lens: &[usize], heads: usize, h: usize, context: &mut 
                 false,
                 gemm::Parallelism::None,
             );
+            if let Some(bias) = bias {
+                bias.add_to(head, len, &mut scores);
+            }
             qmodel_kernels::softmax_rows_inplace_with(path, &mut scores, len);
             // context[i][d] = sum_j p[i][j] v[j][d]
             gemm::gemm(

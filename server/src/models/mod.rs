@@ -1,9 +1,18 @@
 //! Model families, one file each (after candle-transformers): plain structs and functions over
-//! candle tensors. This module holds what they share: reading weights from a GGUF file, the
-//! swappable [`Linear`] layer, embedding-row lookup straight from the quantized bytes of the
-//! memory-mapped file, and pooling.
+//! candle tensors. This module holds what they share: the [`Family`] a checkpoint belongs to,
+//! the [`Encoder`] interface every model implements, reading weights from a GGUF file, the
+//! swappable [`Linear`] layer and the int8 one, embedding-row lookup straight from the quantized
+//! bytes of the memory-mapped file, and pooling.
+//!
+//! BERT, XLM-RoBERTa (and RoBERTa, CamemBERT) and MPNet are the same post-LayerNorm encoder
+//! ([`bert`]) with different position ids, token types and, for MPNet, a relative-position
+//! attention bias; their files say how their checkpoints map onto it. ModernBERT (pre-norm,
+//! rotary, GeGLU, local attention) is its own encoder.
 
 pub mod bert;
+pub mod modernbert;
+pub mod mpnet;
+pub mod xlm_roberta;
 
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -20,6 +29,262 @@ use qmodel_kernels::{
 };
 
 use crate::artifact::{Pooling, Precision};
+
+/// The model families `quantize` reads, decided by `config.json`'s `architectures` (else its
+/// `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    XlmRoberta,
+    MPNet,
+    ModernBert,
+}
+
+/// `config.json` `architectures` entries and the family each belongs to.
+const ARCHITECTURES: &[(&str, Family)] = &[
+    ("BertModel", Family::Bert),
+    ("BertForMaskedLM", Family::Bert),
+    ("BertForSequenceClassification", Family::Bert),
+    ("XLMRobertaModel", Family::XlmRoberta),
+    ("XLMRobertaForMaskedLM", Family::XlmRoberta),
+    ("XLMRobertaForSequenceClassification", Family::XlmRoberta),
+    ("RobertaModel", Family::XlmRoberta),
+    ("RobertaForMaskedLM", Family::XlmRoberta),
+    ("RobertaForSequenceClassification", Family::XlmRoberta),
+    ("CamembertModel", Family::XlmRoberta),
+    ("CamembertForMaskedLM", Family::XlmRoberta),
+    ("CamembertForSequenceClassification", Family::XlmRoberta),
+    ("MPNetModel", Family::MPNet),
+    ("MPNetForMaskedLM", Family::MPNet),
+    ("MPNetForSequenceClassification", Family::MPNet),
+    ("ModernBertModel", Family::ModernBert),
+    ("ModernBertForMaskedLM", Family::ModernBert),
+    ("ModernBertForSequenceClassification", Family::ModernBert),
+];
+
+/// `config.json` `model_type` values, for checkpoints without `architectures`.
+const MODEL_TYPES: &[(&str, Family)] = &[
+    ("bert", Family::Bert),
+    ("xlm-roberta", Family::XlmRoberta),
+    ("roberta", Family::XlmRoberta),
+    ("camembert", Family::XlmRoberta),
+    ("mpnet", Family::MPNet),
+    ("modernbert", Family::ModernBert),
+];
+
+impl Family {
+    /// The family of a Hugging Face `config.json`, or an error naming what is supported.
+    pub fn of(config: &serde_json::Value) -> anyhow::Result<Self> {
+        let architectures: Vec<&str> = config["architectures"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        let model_type = config["model_type"].as_str();
+        let found = match architectures.first() {
+            Some(arch) => ARCHITECTURES.iter().find(|(a, _)| a == arch),
+            None => model_type.and_then(|t| MODEL_TYPES.iter().find(|(m, _)| *m == t)),
+        };
+        match found {
+            Some(&(_, family)) => Ok(family),
+            None => {
+                let supported: Vec<&str> = ARCHITECTURES.iter().map(|(a, _)| *a).collect();
+                bail!(
+                    "architecture {} (model_type {}) is not supported; supported: {}",
+                    architectures.first().map_or("(none)".into(), |a| format!("{a:?}")),
+                    model_type.map_or("(none)".into(), |t| format!("{t:?}")),
+                    supported.join(", ")
+                )
+            }
+        }
+    }
+
+    /// The manifest's `architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bert => "bert",
+            Self::XlmRoberta => "xlm-roberta",
+            Self::MPNet => "mpnet",
+            Self::ModernBert => "modernbert",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Bert, Self::XlmRoberta, Self::MPNet, Self::ModernBert]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+
+    /// The checkpoint's tensor `name` under the artifact's name. The encoder of a task model
+    /// sits under a prefix ([`Self::is_prefixed`]); a bare name and a prefixed one may both
+    /// exist, and `quantize` takes the prefixed one.
+    pub fn artifact_name(self, name: &str) -> String {
+        match self {
+            Self::Bert => name.strip_prefix("bert.").unwrap_or(name).to_owned(),
+            Self::XlmRoberta => xlm_roberta::artifact_name(name),
+            Self::MPNet => mpnet::artifact_name(name),
+            Self::ModernBert => name.strip_prefix("model.").unwrap_or(name).to_owned(),
+        }
+    }
+
+    /// Whether a checkpoint name is under the task model's encoder prefix.
+    pub fn is_prefixed(self, name: &str) -> bool {
+        let prefix = match self {
+            Self::Bert => "bert.",
+            Self::XlmRoberta => xlm_roberta::PREFIX,
+            Self::MPNet => "mpnet.",
+            Self::ModernBert => "model.",
+        };
+        name.starts_with(prefix)
+    }
+}
+
+/// An architecture's configuration, as `quantize` reads it from `config.json` and the server
+/// from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Config {
+    /// BERT, XLM-RoBERTa, MPNet: the post-LayerNorm encoder of [`bert`].
+    Bert(bert::Config),
+    ModernBert(modernbert::Config),
+}
+
+impl Config {
+    pub fn from_hf(family: Family, json: &serde_json::Value) -> anyhow::Result<Self> {
+        Ok(match family {
+            Family::Bert => Self::Bert(bert::Config::from_hf(json)?),
+            Family::XlmRoberta => Self::Bert(xlm_roberta::config_from_hf(json)?),
+            Family::MPNet => Self::Bert(mpnet::config_from_hf(json)?),
+            Family::ModernBert => Self::ModernBert(modernbert::Config::from_hf(json)?),
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Bert(c) => c.hidden_size,
+            Self::ModernBert(c) => c.hidden_size,
+        }
+    }
+
+    /// The longest input the model's positions allow.
+    pub fn max_tokens(&self) -> usize {
+        match self {
+            Self::Bert(c) => c.max_tokens(),
+            Self::ModernBert(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// Every tensor the artifact holds; `labels` > 0 adds the classification head.
+    pub fn tensors(&self, labels: usize) -> Vec<TensorSpec> {
+        match self {
+            Self::Bert(c) => bert::tensors(c, labels),
+            Self::ModernBert(c) => modernbert::tensors(c, labels),
+        }
+    }
+
+    /// The linear layers of an int8 artifact whose inputs are smoothed, grouped by the input
+    /// they share; each group's input is `hidden_size` wide.
+    pub fn smoothed_linears(&self) -> Vec<Vec<String>> {
+        match self {
+            Self::Bert(c) => bert::smoothed_linears(c),
+            Self::ModernBert(c) => modernbert::smoothed_linears(c),
+        }
+    }
+
+    pub fn gguf_metadata(&self) -> Vec<(String, gguf_file::Value)> {
+        match self {
+            Self::Bert(c) => c.gguf_metadata(),
+            Self::ModernBert(c) => c.gguf_metadata(),
+        }
+    }
+}
+
+/// One tensor a model reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub role: Role,
+    pub shape: Vec<usize>,
+}
+
+/// A batch packed without padding: the inputs' tokens back to back, `lens[i]` of them for
+/// input `i`. Attention runs per input over its own tokens, so an input's result is computed
+/// by exactly the same operations whatever else shares its batch (padded attention differs in
+/// the last bits, and quantizing activations turns those bits into visible differences).
+pub struct Batch<'a> {
+    pub ids: &'a [u32],
+    pub type_ids: &'a [u32],
+    pub lens: &'a [usize],
+}
+
+impl Batch<'_> {
+    /// Checks the batch against the model's limits: lengths agree, no input is longer than
+    /// `max_tokens`.
+    pub fn check(&self, max_tokens: usize) -> anyhow::Result<()> {
+        let tokens = self.ids.len();
+        ensure!(
+            self.type_ids.len() == tokens && self.lens.iter().sum::<usize>() == tokens,
+            "inconsistent batch: {tokens} ids, {} type ids, lengths summing to {}",
+            self.type_ids.len(),
+            self.lens.iter().sum::<usize>()
+        );
+        let max_len = self.lens.iter().copied().max().unwrap_or(0);
+        ensure!(
+            max_len <= max_tokens,
+            "{max_len} tokens exceed the model's {max_tokens} positions"
+        );
+        Ok(())
+    }
+}
+
+/// What the serving side needs of a model, whatever its family.
+pub trait Encoder: Send + Sync {
+    fn hidden_size(&self) -> usize;
+
+    /// The longest input the model's positions allow.
+    fn max_tokens(&self) -> usize;
+
+    /// The last hidden state of every token, `[tokens, hidden]` in the compute dtype.
+    fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor>;
+
+    /// The classifier's logits (one per label) of each input, from the last hidden state of a
+    /// batch with these input lengths.
+    fn score(&self, hidden: &Tensor, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>>;
+
+    /// Raises `max` (one vector per group of [`Config::smoothed_linears`]) to the largest
+    /// |input| per channel that `batch` brings to those layers: the calibration of smoothing,
+    /// run on an unsmoothed int8 model.
+    fn observe_activations(&self, batch: &Batch, max: &mut [Vec<f32>]) -> anyhow::Result<()>;
+}
+
+/// The model in `weights`, by its GGUF `general.architecture`; `labels`: outputs of the
+/// classification head, 0 for none.
+pub fn load(weights: &Weights, labels: usize) -> anyhow::Result<Box<dyn Encoder>> {
+    let arch = weights
+        .metadata()
+        .get("general.architecture")
+        .context("GGUF metadata has no general.architecture")?
+        .to_string()?
+        .clone();
+    Ok(match arch.as_str() {
+        bert::ARCHITECTURE => Box::new(bert::Model::load(weights, labels)?),
+        modernbert::ARCHITECTURE => Box::new(modernbert::Model::load(weights, labels)?),
+        other => bail!(
+            "GGUF architecture {other:?} is not supported ({:?} or {:?})",
+            bert::ARCHITECTURE,
+            modernbert::ARCHITECTURE
+        ),
+    })
+}
+
+/// Raises each of `max`'s channels to the largest |value| that channel takes in `rows`.
+pub fn raise_to_abs_max(max: &mut [f32], rows: &[f32]) {
+    for row in rows.chunks_exact(max.len()) {
+        max.iter_mut()
+            .zip(row)
+            .for_each(|(m, x)| *m = m.max(x.abs()));
+    }
+}
 
 /// What a tensor is for, which decides how the artifact stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +436,7 @@ impl Weights {
 
     /// Checks that every tensor of `specs` is present with its shape, so that a malformed
     /// file fails here, naming the tensor, rather than in the middle of a request.
-    pub fn check(&self, specs: &[bert::TensorSpec]) -> anyhow::Result<()> {
+    pub fn check(&self, specs: &[TensorSpec]) -> anyhow::Result<()> {
         for spec in specs {
             let info = self
                 .content
@@ -202,12 +467,23 @@ impl Weights {
         Ok(t.to_dtype(self.compute_dtype())?.to_device(&self.device)?)
     }
 
-    /// A linear layer `prefix.weight` (`[out, in]`) + `prefix.bias`. Block-quantized weights
-    /// stay quantized on CPU; on a GPU every weight is dense in the compute dtype, and a
-    /// smoothed weight is unsmoothed (its columns multiplied back by the input scale).
+    /// Whether the file has tensor `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// `prefix.bias` in the compute dtype, if the layer has one (ModernBERT's do not).
+    fn bias(&self, prefix: &str) -> anyhow::Result<Option<Tensor>> {
+        let name = format!("{prefix}.bias");
+        self.has(&name).then(|| self.tensor(&name)).transpose()
+    }
+
+    /// A linear layer `prefix.weight` (`[out, in]`) + `prefix.bias` if present. Block-quantized
+    /// weights stay quantized on CPU; on a GPU every weight is dense in the compute dtype, and
+    /// a smoothed weight is unsmoothed (its columns multiplied back by the input scale).
     pub fn linear(&self, prefix: &str) -> anyhow::Result<Linear> {
         let weight = self.qtensor(&format!("{prefix}.weight"))?;
-        let bias = self.tensor(&format!("{prefix}.bias"))?;
+        let bias = self.bias(prefix)?;
         let input_scale = self.input_scale(prefix)?;
         let quantized = !matches!(weight.dtype(), GgmlDType::F32 | GgmlDType::F16);
         if quantized && self.device.is_cpu() {
@@ -275,13 +551,13 @@ impl Weights {
         activations: Activations,
     ) -> anyhow::Result<Int8Linear> {
         let (q, scales, rows, cols) = self.int8_rows(prefix)?;
-        Int8Linear::new(
-            &q,
-            &scales,
-            (rows, cols),
-            self.values(&format!("{prefix}.bias"))?,
-            activations,
-        )
+        let bias = format!("{prefix}.bias");
+        let bias = if self.has(&bias) {
+            self.values(&bias)?
+        } else {
+            vec![0.0; rows]
+        };
+        Int8Linear::new(&q, &scales, (rows, cols), bias, activations)
         .with_context(|| format!("{}: {prefix}", self.path.display()))
     }
 
@@ -301,12 +577,13 @@ impl Weights {
         Ok(Some(scale))
     }
 
+    /// LayerNorm `prefix.weight` + `prefix.bias`, or without a bias where the file has none.
     pub fn layer_norm(&self, prefix: &str, eps: f64) -> anyhow::Result<candle_nn::LayerNorm> {
-        Ok(candle_nn::LayerNorm::new(
-            self.tensor(&format!("{prefix}.weight"))?,
-            self.tensor(&format!("{prefix}.bias"))?,
-            eps,
-        ))
+        let weight = self.tensor(&format!("{prefix}.weight"))?;
+        Ok(match self.bias(prefix)? {
+            Some(bias) => candle_nn::LayerNorm::new(weight, bias, eps),
+            None => candle_nn::LayerNorm::new_no_bias(weight, eps),
+        })
     }
 
     /// An embedding table whose rows are decoded from the mapped file on lookup, so the
@@ -352,13 +629,16 @@ impl Weights {
 }
 
 /// A linear layer `y = x W^T + b` over 2-D input `[tokens, in]`, for the candle engine: int4
-/// (Q4_0) on CPU, dense weights everywhere. Int8 on CPU uses [`Int8Linear`] instead.
+/// (Q4_0) on CPU, dense weights everywhere, and int8 on the kernels for families whose int8
+/// path is the candle one (ModernBERT; BERT's int8 engine calls [`Int8Linear`] directly).
 pub enum Linear {
     /// Block-quantized weight: candle quantizes each input row on the fly (per row, so
     /// results do not depend on the other rows in the batch).
-    Quantized { weight: QMatMul, bias: Tensor },
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
     /// Dense weight in the compute dtype.
-    Dense { weight: Tensor, bias: Tensor },
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    /// Int8 weight on `qmodel-kernels` (CPU, F32 activations).
+    Int8(Int8Linear),
 }
 
 impl Module for Linear {
@@ -366,8 +646,18 @@ impl Module for Linear {
         let (ys, bias) = match self {
             Self::Quantized { weight, bias } => (weight.forward(xs)?, bias),
             Self::Dense { weight, bias } => (xs.matmul(&weight.t()?)?, bias),
+            Self::Int8(linear) => {
+                let rows = xs.dim(0)?;
+                let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
+                let mut out = vec![0f32; rows * linear.out_features()];
+                linear.forward(&x, rows, Activation::None, &mut out);
+                return Tensor::from_vec(out, (rows, linear.out_features()), xs.device());
+            }
         };
-        ys.broadcast_add(bias)
+        match bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        }
     }
 }
 
