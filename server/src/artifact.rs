@@ -25,6 +25,10 @@
 //! original times `1 / input_scale` per column, and the input is multiplied by `input_scale`
 //! before it is quantized. A format-2 reader would ignore those tensors and compute garbage,
 //! hence the new version; format-2 artifacts are refused likewise.
+//!
+//! Format 4: the second feed-forward layer of BERT-style encoders is smoothed too
+//! (`encoder.layer.N.output.dense.input_scale`, `[intermediate]`), shrinking its weights'
+//! outlier columns; a format-3 reader would ignore it. Format-3 artifacts still load.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -38,8 +42,11 @@ use serde::{Deserialize, Serialize};
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const WEIGHTS_FILE: &str = "model.gguf";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// The artifact format this build writes and reads; see the module docs.
-pub const FORMAT_VERSION: u32 = 3;
+/// The artifact format this build writes; see the module docs.
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest format this build reads: format 3 is format 4 without the second feed-forward
+/// layer's smoothing, which the loader then does not apply.
+pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,9 +144,10 @@ pub fn verify(dir: &Path) -> anyhow::Result<Manifest> {
     let manifest = Manifest::read(dir)?;
     let manifest_path = dir.join(MANIFEST_FILE);
     ensure!(
-        manifest.format == FORMAT_VERSION,
-        "{}: artifact format {} is not supported by this server (it reads format {FORMAT_VERSION}): \
-         re-run `qmodel-server quantize` on the checkpoint",
+        (OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&manifest.format),
+        "{}: artifact format {} is not supported by this server (it reads formats \
+         {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}): re-run `qmodel-server quantize` on the \
+         checkpoint",
         manifest_path.display(),
         manifest.format
     );

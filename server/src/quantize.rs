@@ -13,7 +13,10 @@ use crate::artifact::{
     self, MANIFEST_FILE, Manifest, Pooling, Precision, TOKENIZER_FILE, Task, WEIGHTS_FILE,
 };
 use crate::backend::PackedBatch;
-use crate::models::{self, Config, Family, INPUT_SCALE, Weights, quantize_tensor, storage_dtype};
+use crate::models::{
+    self, Config, Family, INPUT_SCALE, OUTLIER_ROWS, OUTLIER_WEIGHT, Role, Weights, outlier_rows,
+    quantize_tensor, storage_dtype,
+};
 use crate::tokenize::Tokenizer;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -99,7 +102,14 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
     std::fs::copy(from.join(TOKENIZER_FILE), &tokenizer)
         .with_context(|| format!("{}: cannot copy", from.join(TOKENIZER_FILE).display()))?;
     if args.precision == Precision::Int8 {
-        let max = observe_activations(&weights, &tokenizer, &config, task, max_input_tokens)
+        let max = observe_activations(
+            &checkpoint,
+            &weights,
+            &tokenizer,
+            &config,
+            task,
+            max_input_tokens,
+        )
             .context("calibrating the int8 smoothing")?;
         write_gguf(
             &checkpoint,
@@ -166,6 +176,7 @@ const SMOOTHING_ALPHA: f32 = 0.7;
 /// calibration texts (pairs of consecutive lines for a reranker), measured on the unsmoothed
 /// int8 artifact just written.
 fn observe_activations(
+    checkpoint: &Checkpoint,
     weights: &Path,
     tokenizer: &Path,
     config: &Config,
@@ -190,7 +201,11 @@ fn observe_activations(
             .collect(),
     }
     .map_err(|e| anyhow::anyhow!("tokenizing the calibration texts: {e}"))?;
-    let mut max = vec![vec![0f32; config.hidden_size()]; config.smoothed_linears().len()];
+    let mut max = config
+        .smoothed_linears()
+        .iter()
+        .map(|group| Ok(vec![0f32; checkpoint.f32(&format!("{}.weight", group[0]))?.dim(1)?]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for batch in encodings.chunks(8) {
         model.observe_activations(&PackedBatch::new(batch)?.as_batch(), &mut max)?;
     }
@@ -304,13 +319,25 @@ fn write_gguf(
                     "{source}: tensor {name} is {width} wide, not a whole number of {dtype:?} blocks"
                 );
             }
+            let original = tensor.clone();
             if let Some(s) = name.strip_suffix(".weight").and_then(|p| smoothing.get(p)) {
                 tensor =
                     tensor.broadcast_mul(&Tensor::from_slice(s, (1, s.len()), &Device::Cpu)?)?;
             }
-            Ok((name, quantize_tensor(&tensor, spec.role, precision)?))
+            let mut written = Vec::new();
+            if spec.role == Role::Linear && precision == Precision::Int8 {
+                let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+                let (split, outliers) = split_outlier_rows(prefix, &tensor, &original)?;
+                tensor = split;
+                written.extend(outliers);
+            }
+            written.push((name, quantize_tensor(&tensor, spec.role, precision)?));
+            Ok(written)
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
     let mut smoothed: Vec<_> = smoothing.into_iter().collect();
     smoothed.sort_by(|a, b| a.0.cmp(&b.0));
     for (prefix, s) in smoothed {
@@ -359,6 +386,43 @@ fn checkpoint_files(from: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         }
     }
     Ok(files)
+}
+
+/// The int8-bound `weight` (smoothed) with its outlier rows ([`outlier_rows`]) zeroed, and the
+/// tensors that serve those rows in F32 from the `original` (unsmoothed) weight.
+fn split_outlier_rows(
+    prefix: &str,
+    weight: &Tensor,
+    original: &Tensor,
+) -> anyhow::Result<(Tensor, Vec<(String, QTensor)>)> {
+    let (rows, cols) = weight.dims2()?;
+    let mut values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+    let outliers = outlier_rows(&values, rows, cols);
+    if outliers.is_empty() {
+        return Ok((weight.clone(), Vec::new()));
+    }
+    let original: Vec<f32> = original.flatten_all()?.to_vec1()?;
+    let mut kept = Vec::with_capacity(outliers.len() * cols);
+    for &r in &outliers {
+        kept.extend_from_slice(&original[r * cols..(r + 1) * cols]);
+        values[r * cols..(r + 1) * cols].fill(0.0);
+    }
+    let indices: Vec<f32> = outliers.iter().map(|&r| r as f32).collect();
+    let f32_tensor = |values: Vec<f32>, shape: Vec<usize>| -> anyhow::Result<QTensor> {
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?;
+        Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+    };
+    let extra = vec![
+        (
+            format!("{prefix}.{OUTLIER_ROWS}"),
+            f32_tensor(indices, vec![outliers.len()])?,
+        ),
+        (
+            format!("{prefix}.{OUTLIER_WEIGHT}"),
+            f32_tensor(kept, vec![outliers.len(), cols])?,
+        ),
+    ];
+    Ok((Tensor::from_vec(values, (rows, cols), &Device::Cpu)?, extra))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<T> {

@@ -65,8 +65,8 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
         ),
         (
             "manifest of an unknown format version",
-            Box::new(|d| edit_manifest(d, |m| m["format_version"] = json!(4))),
-            "artifact format 4 is not supported",
+            Box::new(|d| edit_manifest(d, |m| m["format_version"] = json!(5))),
+            "artifact format 5 is not supported",
         ),
         (
             "manifest with a wrong sha256 for an intact file",

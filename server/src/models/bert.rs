@@ -17,8 +17,8 @@ use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
 
 use super::mpnet::{BIAS_TABLE, RelativeAttention, RelativeBias};
 use super::{
-    Activations, Batch, Encoder, Int8Linear, Linear, Role, RowTable, TensorSpec, Weights,
-    raise_to_abs_max,
+    Activations, Batch, Encoder, Int8Linear, Linear, OutlierRows, Role, RowTable, TensorSpec,
+    Weights, raise_to_abs_max,
 };
 
 pub const ARCHITECTURE: &str = "bert";
@@ -379,11 +379,11 @@ impl Encoder for Model {
         let Engine::Int8(m) = &self.engine else {
             bail!("activations are observed on int8 weights on the CPU only");
         };
-        let groups = smoothed_linears(&self.config).len();
+        let h = self.config.hidden_size;
         ensure!(
-            max.len() == groups && max.iter().all(|m| m.len() == self.config.hidden_size),
-            "expected {groups} maxima of {} channels",
-            self.config.hidden_size
+            max.len() == smoothed_linears(&self.config).len() && max.iter().all(|m| m.len() == h),
+            "expected {} maxima of {h} channels",
+            smoothed_linears(&self.config).len()
         );
         batch.check(self.config.max_tokens())?;
         let inputs = Inputs {
@@ -673,12 +673,23 @@ impl Int8Model {
                     "{p}: query, key and value are smoothed differently"
                 );
                 let (mut q, mut scales, mut bias) = (Vec::new(), Vec::new(), Vec::new());
-                for (prefix, s) in [(&query, score_scale), (&key, 1.0), (&value, 1.0)] {
+                let mut outliers = OutlierRows {
+                    rows: Vec::new(),
+                    weight: Vec::new(),
+                };
+                for (part, (prefix, s)) in [(&query, score_scale), (&key, 1.0), (&value, 1.0)]
+                    .into_iter()
+                    .enumerate()
+                {
                     let (wq, ws, _, _) = weights.int8_rows(prefix)?;
                     q.extend(wq);
                     scales.extend(ws.iter().map(|w| w * s));
                     let b = weights.values(&format!("{prefix}.bias"))?;
                     bias.extend(b.iter().map(|b| b * s));
+                    if let Some(o) = weights.outliers(prefix)? {
+                        outliers.rows.extend(o.rows.iter().map(|r| part * h + r));
+                        outliers.weight.extend(o.weight.iter().map(|w| w * s));
+                    }
                 }
                 // Per-token symmetric int8 activations cost too much accuracy on the inputs of
                 // Q/K/V, the first feed-forward layer (both LayerNorm outputs, with outlier
@@ -699,10 +710,12 @@ impl Int8Model {
                     bias,
                     smoothed_or_two_pass(qkv_scale),
                 )
-                .with_context(|| format!("{p}: fused QKV"))?;
+                .with_context(|| format!("{p}: fused QKV"))?
+                .with_outliers((!outliers.rows.is_empty()).then_some(outliers));
                 let up = format!("{p}.intermediate.dense");
                 let intermediate =
                     weights.int8_linear(&up, smoothed_or_two_pass(weights.input_scale(&up)?))?;
+
                 Ok(Int8Layer {
                     qkv,
                     attention_out: weights.int8_linear(
