@@ -191,7 +191,14 @@ fn check_weights_fit(dir: &Path, manifest: &Manifest) -> anyhow::Result<()> {
         let first = e.lines().next().unwrap_or_default();
         anyhow::anyhow!("{}: not a GGUF file: {first}", path.display())
     })?;
-    let probe = "encoder.layer.0.attention.self.query.weight";
+    let family = crate::models::Family::from_name(&manifest.architecture).with_context(|| {
+        format!(
+            "{}: architecture {:?} is not supported (bert, xlm-roberta, mpnet, modernbert)",
+            dir.join(MANIFEST_FILE).display(),
+            manifest.architecture
+        )
+    })?;
+    let probe = family.first_linear_weight();
     let info = content
         .tensor_infos
         .get(probe)

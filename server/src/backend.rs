@@ -8,7 +8,7 @@ use anyhow::{Context, ensure};
 use candle_core::{DType, Device, Tensor};
 
 use crate::artifact::{self, MANIFEST_FILE, Manifest, Pooling, TOKENIZER_FILE, Task, WEIGHTS_FILE};
-use crate::models::{self, Batch, Encoder, Family, Weights, pool};
+use crate::models::{self, Batch, Encoder, Weights, pool};
 use crate::tokenize::Tokenizer;
 
 /// One tokenized input, unpadded. `type_ids` are 0 for a single text and 0/1 for a pair.
@@ -67,12 +67,6 @@ pub struct LoadedModel {
 pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     let manifest = artifact::verify(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
-    ensure!(
-        Family::from_name(&manifest.architecture).is_some(),
-        "{}: architecture {:?} is not supported (bert, xlm-roberta, mpnet, modernbert)",
-        dir.join(MANIFEST_FILE).display(),
-        manifest.architecture,
-    );
     let candle_device = match device {
         DeviceKind::Cpu => Device::Cpu,
         DeviceKind::Cuda => cuda_device()?,
@@ -180,12 +174,7 @@ impl PackedBatch {
 impl Backend for EncoderBackend {
     fn embed(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {
         let (hidden, lens) = self.embedder_states(batch)?;
-        Ok(pool(
-            &hidden,
-            self.model.hidden_size(),
-            &lens,
-            self.pooling,
-        ))
+        Ok(pool(&hidden, self.model.hidden_size(), &lens, self.pooling))
     }
 
     fn embed_tokens(&self, batch: &[Encoding]) -> anyhow::Result<Vec<Vec<f32>>> {

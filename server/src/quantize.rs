@@ -110,7 +110,7 @@ pub fn quantize(args: &QuantizeArgs) -> anyhow::Result<Manifest> {
             task,
             max_input_tokens,
         )
-            .context("calibrating the int8 smoothing")?;
+        .context("calibrating the int8 smoothing")?;
         write_gguf(
             &checkpoint,
             &weights,
@@ -204,7 +204,14 @@ fn observe_activations(
     let mut max = config
         .smoothed_linears()
         .iter()
-        .map(|group| Ok(vec![0f32; checkpoint.f32(&format!("{}.weight", group[0]))?.dim(1)?]))
+        .map(|group| {
+            Ok(vec![
+                0f32;
+                checkpoint
+                    .f32(&format!("{}.weight", group[0]))?
+                    .dim(1)?
+            ])
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     for batch in encodings.chunks(8) {
         model.observe_activations(&PackedBatch::new(batch)?.as_batch(), &mut max)?;

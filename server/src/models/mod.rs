@@ -92,7 +92,9 @@ impl Family {
                 let supported: Vec<&str> = ARCHITECTURES.iter().map(|(a, _)| *a).collect();
                 bail!(
                     "architecture {} (model_type {}) is not supported; supported: {}",
-                    architectures.first().map_or("(none)".into(), |a| format!("{a:?}")),
+                    architectures
+                        .first()
+                        .map_or("(none)".into(), |a| format!("{a:?}")),
                     model_type.map_or("(none)".into(), |t| format!("{t:?}")),
                     supported.join(", ")
                 )
@@ -125,6 +127,16 @@ impl Family {
             Self::XlmRoberta => xlm_roberta::artifact_name(name),
             Self::MPNet => mpnet::artifact_name(name),
             Self::ModernBert => name.strip_prefix("model.").unwrap_or(name).to_owned(),
+        }
+    }
+
+    /// The artifact's first linear weight, whose storage tells the artifact's precision.
+    pub fn first_linear_weight(self) -> &'static str {
+        match self {
+            Self::Bert | Self::XlmRoberta | Self::MPNet => {
+                "encoder.layer.0.attention.self.query.weight"
+            }
+            Self::ModernBert => "layers.0.attn.Wqkv.weight",
         }
     }
 
@@ -605,7 +617,11 @@ impl Weights {
         if !self.has(&rows_name) {
             return Ok(None);
         }
-        let rows: Vec<usize> = self.values(&rows_name)?.iter().map(|&r| r as usize).collect();
+        let rows: Vec<usize> = self
+            .values(&rows_name)?
+            .iter()
+            .map(|&r| r as usize)
+            .collect();
         let weight = self.values(&format!("{prefix}.{OUTLIER_WEIGHT}"))?;
         let (out, inp) = self
             .content
@@ -695,9 +711,15 @@ impl Weights {
 pub enum Linear {
     /// Block-quantized weight: candle quantizes each input row on the fly (per row, so
     /// results do not depend on the other rows in the batch).
-    Quantized { weight: QMatMul, bias: Option<Tensor> },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
     /// Dense weight in the compute dtype.
-    Dense { weight: Tensor, bias: Option<Tensor> },
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
     /// Int8 weight on `qmodel-kernels` (CPU, F32 activations).
     Int8(Int8Linear),
 }

@@ -122,10 +122,7 @@ impl Config {
             ("hidden_activation", &hf.hidden_activation),
             ("classifier_activation", &hf.classifier_activation),
         ] {
-            ensure!(
-                act == "gelu",
-                "{what} {act:?} is not supported (only gelu)"
-            );
+            ensure!(act == "gelu", "{what} {act:?} is not supported (only gelu)");
         }
         ensure!(
             hf.global_attn_every_n_layers > 0,
@@ -218,7 +215,10 @@ impl Config {
             (key("vocab_size"), u32_of(self.vocab_size)),
             (key("embedding_length"), u32_of(self.hidden_size)),
             (key("block_count"), u32_of(self.num_hidden_layers)),
-            (key("attention.head_count"), u32_of(self.num_attention_heads)),
+            (
+                key("attention.head_count"),
+                u32_of(self.num_attention_heads),
+            ),
             (key("feed_forward_length"), u32_of(self.intermediate_size)),
             (key("context_length"), u32_of(self.max_position_embeddings)),
             (
@@ -322,11 +322,26 @@ pub fn tensors(config: &Config, labels: usize) -> Vec<TensorSpec> {
             add(format!("{p}.attn_norm"), Role::Plain, &[h], norm);
         }
         let attention = config.attention_bias;
-        add(format!("{p}.attn.Wqkv"), Role::Linear, &[3 * h, h], attention);
+        add(
+            format!("{p}.attn.Wqkv"),
+            Role::Linear,
+            &[3 * h, h],
+            attention,
+        );
         add(format!("{p}.attn.Wo"), Role::Linear, &[h, h], attention);
         add(format!("{p}.mlp_norm"), Role::Plain, &[h], norm);
-        add(format!("{p}.mlp.Wi"), Role::Linear, &[2 * ff, h], config.mlp_bias);
-        add(format!("{p}.mlp.Wo"), Role::Linear, &[h, ff], config.mlp_bias);
+        add(
+            format!("{p}.mlp.Wi"),
+            Role::Linear,
+            &[2 * ff, h],
+            config.mlp_bias,
+        );
+        add(
+            format!("{p}.mlp.Wo"),
+            Role::Linear,
+            &[h, ff],
+            config.mlp_bias,
+        );
     }
     add("final_norm".into(), Role::Plain, &[h], norm);
     if labels > 0 {
@@ -665,7 +680,10 @@ mod tests {
         });
         let new = Config::from_hf(&json).unwrap();
         assert_eq!(new.global_layers, [true, false, true, false]);
-        assert_eq!((new.global_rope_theta, new.local_rope_theta), (80000.0, 5000.0));
+        assert_eq!(
+            (new.global_rope_theta, new.local_rope_theta),
+            (80000.0, 5000.0)
+        );
         // Round trip through the GGUF metadata.
         let metadata: HashMap<String, Value> = new.gguf_metadata().into_iter().collect();
         assert_eq!(Config::from_gguf(&metadata).unwrap(), new);
