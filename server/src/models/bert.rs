@@ -284,8 +284,8 @@ pub struct Model {
 /// How the encoder runs: on candle (F32/F16 weights, int4, CUDA) or, for int8 weights on the
 /// CPU, on `qmodel-kernels` over plain `f32` buffers ([`Int8Model`]).
 enum Engine {
-    Candle(CandleModel),
-    Int8(Int8Model),
+    Candle(Box<CandleModel>),
+    Int8(Box<Int8Model>),
 }
 
 struct CandleModel {
@@ -303,9 +303,9 @@ impl Model {
         weights.check(&tensors(&config, labels))?;
         let head = labels > 0;
         let engine = if weights.int8_on_cpu("encoder.layer.0.attention.self.query") {
-            Engine::Int8(Int8Model::load(weights, &config, head)?)
+            Engine::Int8(Box::new(Int8Model::load(weights, &config, head)?))
         } else {
-            Engine::Candle(CandleModel::load(weights, &config, head)?)
+            Engine::Candle(Box::new(CandleModel::load(weights, &config, head)?))
         };
         let relative_bias = config
             .relative_attention
