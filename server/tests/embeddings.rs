@@ -74,22 +74,8 @@ fn cosines_on(precision: Precision, device: DeviceKind) -> Vec<f64> {
         .collect()
 }
 
-/// (mean, min) of the cosines, printed with the worst sentence.
 fn summary(precision: Precision, cosines: &[f64]) -> (f64, f64) {
-    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
-    let (worst, min) = cosines
-        .iter()
-        .copied()
-        .enumerate()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap();
-    println!(
-        "{precision:?} vs reference over {} sentences: mean cosine {mean:.7}, min {min:.7} \
-         (1 - min = {:.1e}, sentence {worst})",
-        cosines.len(),
-        1.0 - min
-    );
-    (mean, min)
+    common::cosine_summary(&format!("{precision:?}"), cosines)
 }
 
 #[test]

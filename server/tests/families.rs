@@ -113,21 +113,8 @@ fn cosines(stem: &str, precision: Precision) -> Vec<f64> {
         .collect()
 }
 
-/// (mean, min) of the cosines, printed with the worst input.
 fn summary(stem: &str, precision: Precision, cosines: &[f64]) -> (f64, f64) {
-    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
-    let (worst, min) = cosines
-        .iter()
-        .copied()
-        .enumerate()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .unwrap();
-    println!(
-        "{stem} {precision:?} vs reference over {} inputs: mean cosine {mean:.7}, min {min:.7} \
-         (input {worst})",
-        cosines.len()
-    );
-    (mean, min)
+    common::cosine_summary(&format!("{stem} {precision:?}"), cosines)
 }
 
 const EMBEDDERS: [&str; 4] = [
@@ -260,12 +247,6 @@ fn scores(model: &LoadedModel, reference: &RerankReference) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn argmax(xs: &[f32]) -> usize {
-    (0..xs.len())
-        .max_by(|&i, &j| xs[i].total_cmp(&xs[j]))
-        .unwrap()
-}
-
 const RERANKERS: [&str; 3] = [
     "tiny-xlm-roberta-reranker",
     "tiny-modernbert-reranker",
@@ -308,7 +289,7 @@ fn rerankers_match_the_reference() {
         let top1 = f32_scores
             .iter()
             .zip(&int8_scores)
-            .filter(|(a, b)| argmax(a) == argmax(b))
+            .filter(|(a, b)| common::argmax(a) == common::argmax(b))
             .count();
         let max_diff = f32_scores
             .iter()

@@ -98,12 +98,6 @@ fn kendall_tau(a: &[f32], b: &[f32]) -> f64 {
     sum / pairs
 }
 
-fn argmax(xs: &[f32]) -> usize {
-    (0..xs.len())
-        .max_by(|&i, &j| xs[i].total_cmp(&xs[j]))
-        .unwrap()
-}
-
 /// Ranking agreement of INT8 with F32 over each query's passages: mean Kendall tau >= 0.9 and
 /// the same top passage for at least 7 of 8 queries (measured: 1.00 and 8/8; an earlier head
 /// seed gave 0.93 and 7/8). The test head is arbitrary, so one query's logits lie within
@@ -129,7 +123,7 @@ fn int8_ranks_like_f32() {
     let top1 = f32_scores
         .iter()
         .zip(&int8_scores)
-        .filter(|(a, b)| argmax(a) == argmax(b))
+        .filter(|(a, b)| common::argmax(a) == common::argmax(b))
         .count();
     let max_diff = f32_scores
         .iter()

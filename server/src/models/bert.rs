@@ -17,8 +17,8 @@ use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
 
 use super::mpnet::{BIAS_TABLE, RelativeAttention, RelativeBias};
 use super::{
-    Activations, Batch, Encoder, Int8Linear, Linear, OutlierRows, Role, RowTable, TensorSpec,
-    Weights, raise_to_abs_max,
+    Activations, Batch, Encoder, Int8Linear, Linear, OutlierRows, Role, RowTable, SharedOut,
+    TensorSpec, Weights, raise_to_abs_max,
 };
 
 pub const ARCHITECTURE: &str = "bert";
@@ -322,6 +322,17 @@ impl Model {
         &self.config
     }
 
+    /// The batch checked against the model's limits, as the engines read it.
+    fn inputs<'a>(&'a self, batch: &Batch<'a>) -> anyhow::Result<Inputs<'a>> {
+        batch.check(self.config.max_tokens())?;
+        Ok(Inputs {
+            ids: batch.ids,
+            type_ids: self.type_ids(batch)?,
+            lens: batch.lens,
+            relative_bias: self.relative_bias.as_ref(),
+        })
+    }
+
     /// The batch's token types as the model reads them: checked against the table, or all 0
     /// where the model has one type or none.
     fn type_ids<'a>(&self, batch: &Batch<'a>) -> anyhow::Result<Option<&'a [u32]>> {
@@ -352,13 +363,7 @@ impl Encoder for Model {
     }
 
     fn forward(&self, batch: &Batch) -> anyhow::Result<Tensor> {
-        batch.check(self.config.max_tokens())?;
-        let inputs = Inputs {
-            ids: batch.ids,
-            type_ids: self.type_ids(batch)?,
-            lens: batch.lens,
-            relative_bias: self.relative_bias.as_ref(),
-        };
+        let inputs = self.inputs(batch)?;
         match &self.engine {
             Engine::Candle(m) => m.forward(&self.config, &inputs),
             Engine::Int8(m) => {
@@ -384,13 +389,7 @@ impl Encoder for Model {
             "expected {} maxima of {h} channels",
             smoothed_linears(&self.config).len()
         );
-        batch.check(self.config.max_tokens())?;
-        let inputs = Inputs {
-            ids: batch.ids,
-            type_ids: self.type_ids(batch)?,
-            lens: batch.lens,
-            relative_bias: self.relative_bias.as_ref(),
-        };
+        let inputs = self.inputs(batch)?;
         m.forward(&self.config, &inputs, Some(max))?;
         Ok(())
     }
@@ -636,20 +635,6 @@ struct Int8Head {
     /// `[labels, hidden]`: the classifier's rows, and their biases.
     classifier: Vec<f32>,
     classifier_bias: Vec<f32>,
-}
-
-/// A pointer the attention tasks write disjoint parts of.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: every task writes only its own (input, head) block.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Through a method, so closures capture the whole (`Sync`) wrapper, not the raw field.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Int8Model {

@@ -778,15 +778,54 @@ pub struct OutlierRows {
 }
 
 impl OutlierRows {
-    /// Adds the rows' products to `out` (`[tokens, out_features]`) for input `x`.
+    /// Adds the rows' products to `out` (`[tokens, out_features]`) for input `x` (`[tokens,
+    /// in]`), tokens split over the kernels' pool; each product is [`dot`], so a token's result
+    /// is the same whatever else is in the batch.
     fn add_to(&self, x: &[f32], tokens: usize, out_features: usize, out: &mut [f32]) {
+        const TOKENS_PER_TASK: usize = 16;
         let k = x.len() / tokens.max(1);
-        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(out_features)) {
-            for (&r, w) in self.rows.iter().zip(self.weight.chunks_exact(k)) {
-                out[r] += x.iter().zip(w).map(|(x, w)| x * w).sum::<f32>();
+        assert!(x.len() == tokens * k && out.len() == tokens * out_features);
+        let shared = SharedOut(out.as_mut_ptr());
+        qmodel_kernels::ThreadPool::global().run(tokens.div_ceil(TOKENS_PER_TASK), &|task| {
+            let first = task * TOKENS_PER_TASK;
+            for t in first..(first + TOKENS_PER_TASK).min(tokens) {
+                let x = &x[t * k..(t + 1) * k];
+                for (&r, w) in self.rows.iter().zip(self.weight.chunks_exact(k)) {
+                    // SAFETY: token t's row of `out` (checked above) is this task's alone.
+                    unsafe { *shared.ptr().add(t * out_features + r) += dot(x, w) };
+                }
             }
+        });
+    }
+}
+
+/// A pointer the pool's tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user has each task write only its own part.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Through a method, so closures capture the whole (`Sync`) wrapper, not the raw field.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `a . b` in a fixed order: 16 lane sums (which the compiler vectorizes), then the tail.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            lanes[i] += a[i] * b[i];
         }
     }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 impl Int8Linear {

@@ -223,7 +223,7 @@ impl Config {
             (key("context_length"), u32_of(self.max_position_embeddings)),
             (
                 key("attention.layer_norm_epsilon"),
-                Value::F32(self.norm_eps as f32),
+                Value::F64(self.norm_eps),
             ),
             (
                 key("attention.global_layers"),
@@ -275,7 +275,7 @@ impl Config {
             num_attention_heads: usize_of("attention.head_count")?,
             intermediate_size: usize_of("feed_forward_length")?,
             max_position_embeddings: usize_of("context_length")?,
-            norm_eps: f64::from(get("attention.layer_norm_epsilon")?.to_f32()?),
+            norm_eps: get("attention.layer_norm_epsilon")?.to_f64()?,
             global_layers,
             local_attention: usize_of("attention.local_window")?,
             global_rope_theta: get("rope.global_theta")?.to_f64()?,

@@ -73,3 +73,27 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (norm(a) * norm(b))
 }
+
+/// (mean, min) of per-input cosines, printed under `label` with the worst input.
+pub fn cosine_summary(label: &str, cosines: &[f64]) -> (f64, f64) {
+    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+    let (worst, min) = cosines
+        .iter()
+        .copied()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    println!(
+        "{label} vs reference over {} inputs: mean cosine {mean:.7}, min {min:.7} \
+         (1 - min = {:.1e}, input {worst})",
+        cosines.len(),
+        1.0 - min
+    );
+    (mean, min)
+}
+
+pub fn argmax(xs: &[f32]) -> usize {
+    (0..xs.len())
+        .max_by(|&i, &j| xs[i].total_cmp(&xs[j]))
+        .unwrap()
+}
