@@ -123,10 +123,11 @@ impl Family {
     /// exist, and `quantize` takes the prefixed one.
     pub fn artifact_name(self, name: &str) -> String {
         match self {
-            Self::Bert => name.strip_prefix("bert.").unwrap_or(name).to_owned(),
+            Self::Bert | Self::ModernBert => {
+                name.strip_prefix(self.prefix()).unwrap_or(name).to_owned()
+            }
             Self::XlmRoberta => xlm_roberta::artifact_name(name),
             Self::MPNet => mpnet::artifact_name(name),
-            Self::ModernBert => name.strip_prefix("model.").unwrap_or(name).to_owned(),
         }
     }
 
@@ -140,15 +141,19 @@ impl Family {
         }
     }
 
-    /// Whether a checkpoint name is under the task model's encoder prefix.
-    pub fn is_prefixed(self, name: &str) -> bool {
-        let prefix = match self {
+    /// Where a task model (`...ForSequenceClassification`, `...ForMaskedLM`) keeps the encoder.
+    fn prefix(self) -> &'static str {
+        match self {
             Self::Bert => "bert.",
             Self::XlmRoberta => xlm_roberta::PREFIX,
-            Self::MPNet => "mpnet.",
+            Self::MPNet => mpnet::PREFIX,
             Self::ModernBert => "model.",
-        };
-        name.starts_with(prefix)
+        }
+    }
+
+    /// Whether a checkpoint name is under the task model's encoder prefix.
+    pub fn is_prefixed(self, name: &str) -> bool {
+        name.starts_with(self.prefix())
     }
 }
 

@@ -10,6 +10,9 @@ use serde::Deserialize;
 
 use super::{Weights, bert, xlm_roberta};
 
+/// Where a task model (`MPNetForMaskedLM`, `...ForSequenceClassification`) keeps the encoder.
+pub const PREFIX: &str = "mpnet.";
+
 /// The bias table's name in the artifact (and in the checkpoint, under `mpnet.` or bare).
 pub const BIAS_TABLE: &str = "encoder.relative_attention_bias.weight";
 
@@ -52,7 +55,7 @@ pub fn config_from_hf(json: &serde_json::Value) -> anyhow::Result<bert::Config> 
 
 /// The artifact's name (BERT's) of checkpoint tensor `name`.
 pub fn artifact_name(name: &str) -> String {
-    let name = name.strip_prefix("mpnet.").unwrap_or(name);
+    let name = name.strip_prefix(PREFIX).unwrap_or(name);
     const RENAMES: [(&str, &str); 5] = [
         (".attention.attn.q.", ".attention.self.query."),
         (".attention.attn.k.", ".attention.self.key."),
