@@ -8,7 +8,6 @@
 //! theoretical figure from the measured clock. Medians over interleaved reps.
 
 use qmodel_kernels::{Activation, Exec, Path, QuantizedWeight, ThreadPool, linear_with};
-use std::hint::black_box;
 use std::time::Instant;
 
 fn min(v: Vec<f64>) -> f64 {
@@ -89,6 +88,7 @@ struct Peak {
 
 #[cfg(target_arch = "x86_64")]
 fn measure_peak(reps: usize) -> Peak {
+    use std::hint::black_box;
     // Capability figures: best (min) thread-CPU time of interleaved reps; the
     // machine is shared, wall time would measure the neighbours.
     let n = 100_000_000u64;

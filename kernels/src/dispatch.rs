@@ -11,21 +11,40 @@ pub enum Path {
     Avx512Vnni,
     /// AVX2 (+FMA present): `vpsignb` + `vpmaddubsw` + `vpmaddwd` on 256-bit vectors.
     Avx2,
+    /// Arm int8 matrix multiply (FEAT_I8MM, with dotprod): `smmla`, a 2x8 by 8x2 int8
+    /// product per instruction (Graviton 3/4, Ampere One, Neoverse V1/V2/N2).
+    NeonI8mm,
+    /// Arm dot product (FEAT_DotProd): `sdot`, four int8 products per int32 lane
+    /// (Graviton 2, Ampere Altra, Neoverse N1 and every later core).
+    NeonDot,
     /// Portable Rust, no intrinsics.
     Scalar,
 }
 
 impl Path {
     /// Every path, fastest first.
-    pub const ALL: [Path; 3] = [Path::Avx512Vnni, Path::Avx2, Path::Scalar];
+    pub const ALL: [Path; 5] = [
+        Path::Avx512Vnni,
+        Path::Avx2,
+        Path::NeonI8mm,
+        Path::NeonDot,
+        Path::Scalar,
+    ];
 
     /// The name used by `QMODEL_KERNEL`.
     pub fn name(self) -> &'static str {
         match self {
             Path::Avx512Vnni => "avx512vnni",
             Path::Avx2 => "avx2",
+            Path::NeonI8mm => "neon-i8mm",
+            Path::NeonDot => "neon-dot",
             Path::Scalar => "scalar",
         }
+    }
+
+    /// Every name, comma-separated, for messages.
+    pub fn names() -> String {
+        Path::ALL.map(Path::name).join(", ")
     }
 
     /// Parses a `QMODEL_KERNEL` value (case-insensitive).
@@ -49,7 +68,14 @@ impl Path {
                     && std::is_x86_feature_detected!("avx512bw")
                     && std::is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            // The i8mm kernel hands odd rows to the dot-product one.
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonI8mm => {
+                std::arch::is_aarch64_feature_detected!("i8mm")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
             _ => false,
         }
     }
@@ -76,7 +102,7 @@ impl Path {
         *ACTIVE.get_or_init(|| match std::env::var("QMODEL_KERNEL") {
             Ok(v) if !v.trim().is_empty() => {
                 let p = Path::parse(&v).unwrap_or_else(|| {
-                    panic!("QMODEL_KERNEL={v:?}: expected one of avx512vnni, avx2, scalar")
+                    panic!("QMODEL_KERNEL={v:?}: expected one of {}", Path::names())
                 });
                 assert!(
                     p.is_supported(),

@@ -21,7 +21,13 @@
 //! path computes `acc - zero[r] * sum_k wq[n][k]`. (The AVX2 bytes of an asymmetric row
 //! reach -128: `|-128| * 127 * 2` = 32512 still fits `vpmaddubsw`.)
 //!
-//! All three are exact, hence bit-identical. The f32 epilogue is
+//! - Arm dotprod: `sdot` multiplies signed bytes, so rows are stored as `xq` (as for AVX2)
+//!   and one 16-byte load of the panel is 4 channels x 4 k.
+//! - Arm i8mm: `smmla` multiplies a 2 x 8 block of rows by an 8 x 2 block of channels. Two
+//!   consecutive k-groups of the panel, interleaved by 32-bit lanes (`zip1`/`zip2`), are
+//!   exactly its channel operand, so the same packed weights serve every path.
+//!
+//! All are exact, hence bit-identical. The f32 epilogue is
 //! `y = (acc as f32) * (sx[r] * sw[n]) + bias[n]` then optional GELU, with the
 //! same IEEE operations in the same order on every path, so `linear` outputs
 //! are bit-identical across paths too.
@@ -282,6 +288,10 @@ fn quantize_rows(path: Path, x: &[f32], input: InputQuant<'_>, k: usize, out: Qu
         Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, input, k, out) },
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => unsafe { x86::quantize_avx2(x, input, k, out) },
+        #[cfg(target_arch = "aarch64")]
+        Path::NeonI8mm | Path::NeonDot => unsafe {
+            quantize_v::<crate::simd::F128>(x, input, k, out, 0)
+        },
         _ => unsafe { quantize_v::<f32>(x, input, k, out, 0) },
     }
 }
@@ -481,6 +491,10 @@ unsafe fn tile_dispatch(
             Path::Avx512Vnni => x86::tile_avx512(a, w, r0, r1, p0, p1, out),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => x86::tile_avx2(a, w, r0, r1, p0, p1, out),
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonI8mm => arm::tile_i8mm(a, w, r0, r1, p0, p1, out),
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonDot => arm::tile_dot(a, w, r0, r1, p0, p1, out),
             _ => tile_scalar(a, w, r0, r1, p0, p1, out),
         }
     }
@@ -789,6 +803,258 @@ mod x86 {
                     }
                 }
                 r += mr;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::*;
+    use crate::simd::F128;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    // `sdot`/`smmla` by inline assembly: their intrinsics are not stable Rust yet.
+
+    /// `acc[c] += sum_t b[4c + t] * a[t]` (the first 4 bytes of `a`, broadcast).
+    #[inline(always)]
+    unsafe fn sdot_lane0(mut acc: int32x4_t, b: int8x16_t, a: int8x16_t) -> int32x4_t {
+        unsafe {
+            asm!("sdot {acc:v}.4s, {b:v}.16b, {a:v}.4b[0]",
+                acc = inout(vreg) acc, b = in(vreg) b, a = in(vreg) a,
+                options(pure, nomem, nostack));
+        }
+        acc
+    }
+
+    /// `acc[2i + j] += sum_t a[8i + t] * b[8j + t]`: rows `i` of `a` times channels `j` of `b`.
+    #[inline(always)]
+    unsafe fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        unsafe {
+            asm!("smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc, a = in(vreg) a, b = in(vreg) b,
+                options(pure, nomem, nostack));
+        }
+        acc
+    }
+
+    /// Row `row`'s exact products for 4 channels from `n0` (`acc` before the zero-point
+    /// correction), stored or through the shared epilogue.
+    #[inline(always)]
+    unsafe fn finish4(
+        acc: int32x4_t,
+        a: Acts,
+        w: &WeightView<'_>,
+        row: usize,
+        n0: usize,
+        out: Out,
+    ) {
+        if n0 >= w.n {
+            return;
+        }
+        let nv = (w.n - n0).min(4);
+        unsafe {
+            let sums = vld1q_s32(w.row_sums.as_ptr().add(n0));
+            let v = vsubq_s32(acc, vmulq_s32(sums, vdupq_n_s32(*a.zero.add(row))));
+            match out {
+                Out::I32 { ptr } => {
+                    let mut tmp = [0i32; 4];
+                    vst1q_s32(tmp.as_mut_ptr(), v);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), ptr.get().add(row * w.n + n0), nv);
+                }
+                Out::F32 { .. } => epilogue::<F128>(F128(vcvtq_f32_s32(v)), row, n0, nv, w, out),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_i32(p: *const u8) -> int8x16_t {
+        unsafe { vreinterpretq_s8_s32(vdupq_n_s32((p as *const i32).read_unaligned())) }
+    }
+
+    // ---------------- dotprod ----------------
+    const MR_DOT: usize = 4;
+
+    /// One panel (16 channels = 4 vectors) x MR rows.
+    #[inline(always)]
+    unsafe fn block_dot<const MR: usize>(
+        a: Acts,
+        w: &WeightView<'_>,
+        r: usize,
+        p: usize,
+        out: Out,
+    ) {
+        unsafe {
+            let k4 = w.k4();
+            let b = w.packed.as_ptr().add(p * k4 * PANEL) as *const i8;
+            let rows = a.bytes.add(r * k4);
+            let mut acc = [[vdupq_n_s32(0); 4]; MR];
+            for g in 0..k4 / KGROUP {
+                let bg = b.add(g * PANEL * KGROUP);
+                let bv = [
+                    vld1q_s8(bg),
+                    vld1q_s8(bg.add(16)),
+                    vld1q_s8(bg.add(32)),
+                    vld1q_s8(bg.add(48)),
+                ];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let av = load_i32(rows.add(i * k4 + g * KGROUP));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = sdot_lane0(*acc, bv, av);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for (j, &acc) in acc.iter().enumerate() {
+                    finish4(acc, a, w, r + i, p * PANEL + 4 * j, out);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn tile_dot(
+        a: Acts,
+        w: WeightView<'_>,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        p1: usize,
+        out: Out,
+    ) {
+        for p in p0..p1 {
+            let mut r = r0;
+            while r < r1 {
+                let mr = (r1 - r).min(MR_DOT);
+                unsafe {
+                    match mr {
+                        4 => block_dot::<4>(a, &w, r, p, out),
+                        3 => block_dot::<3>(a, &w, r, p, out),
+                        2 => block_dot::<2>(a, &w, r, p, out),
+                        _ => block_dot::<1>(a, &w, r, p, out),
+                    }
+                }
+                r += mr;
+            }
+        }
+    }
+
+    // ---------------- i8mm ----------------
+    /// Row pairs per block: 2 pairs x 8 channel pairs = 16 accumulators.
+    const PAIRS: usize = 2;
+
+    /// `2 * RP` rows x one panel. Accumulator `[i][m]` holds rows `2i, 2i + 1` by channels
+    /// `2m, 2m + 1`.
+    #[inline(always)]
+    unsafe fn block_mmla<const RP: usize>(
+        a: Acts,
+        w: &WeightView<'_>,
+        r: usize,
+        p: usize,
+        out: Out,
+    ) {
+        unsafe {
+            let k4 = w.k4();
+            let kg = k4 / KGROUP;
+            let b = w.packed.as_ptr().add(p * k4 * PANEL) as *const i8;
+            let rows = a.bytes.add(r * k4) as *const i8;
+            let mut acc = [[vdupq_n_s32(0); PANEL / 2]; RP];
+            // Channel operands of k-groups `g` and `g1` (`g1` = None: zeros, the odd last group).
+            let channel_pairs = |g: usize, g1: Option<usize>| {
+                let mut bp = [vdupq_n_s8(0); PANEL / 2];
+                for q in 0..4 {
+                    let lo = vreinterpretq_s32_s8(vld1q_s8(b.add(g * 64 + 16 * q)));
+                    let hi = g1.map_or(vdupq_n_s32(0), |g1| {
+                        vreinterpretq_s32_s8(vld1q_s8(b.add(g1 * 64 + 16 * q)))
+                    });
+                    bp[2 * q] = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));
+                    bp[2 * q + 1] = vreinterpretq_s8_s32(vzip2q_s32(lo, hi));
+                }
+                bp
+            };
+            let mut g = 0;
+            while g + 2 <= kg {
+                let bp = channel_pairs(g, Some(g + 1));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let top = vld1_s8(rows.add(2 * i * k4 + g * KGROUP));
+                    let bottom = vld1_s8(rows.add((2 * i + 1) * k4 + g * KGROUP));
+                    let av = vcombine_s8(top, bottom);
+                    for (acc, &bp) in acc.iter_mut().zip(&bp) {
+                        *acc = smmla(*acc, av, bp);
+                    }
+                }
+                g += 2;
+            }
+            if g < kg {
+                let bp = channel_pairs(g, None);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let word = |row: usize| {
+                        (rows.add(row * k4 + g * KGROUP) as *const u32).read_unaligned() as u64
+                    };
+                    let av = vreinterpretq_s8_u64(vcombine_u64(
+                        vcreate_u64(word(2 * i)),
+                        vcreate_u64(word(2 * i + 1)),
+                    ));
+                    for (acc, &bp) in acc.iter_mut().zip(&bp) {
+                        *acc = smmla(*acc, av, bp);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for q in 0..4 {
+                    // Channels 4q..4q+4 of the top row are the low halves of pairs 2q, 2q+1.
+                    let (m0, m1) = (
+                        vreinterpretq_s64_s32(acc[2 * q]),
+                        vreinterpretq_s64_s32(acc[2 * q + 1]),
+                    );
+                    let n0 = p * PANEL + 4 * q;
+                    finish4(
+                        vreinterpretq_s32_s64(vzip1q_s64(m0, m1)),
+                        a,
+                        w,
+                        r + 2 * i,
+                        n0,
+                        out,
+                    );
+                    finish4(
+                        vreinterpretq_s32_s64(vzip2q_s64(m0, m1)),
+                        a,
+                        w,
+                        r + 2 * i + 1,
+                        n0,
+                        out,
+                    );
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "i8mm,dotprod")]
+    pub(super) unsafe fn tile_i8mm(
+        a: Acts,
+        w: WeightView<'_>,
+        r0: usize,
+        r1: usize,
+        p0: usize,
+        p1: usize,
+        out: Out,
+    ) {
+        for p in p0..p1 {
+            let mut r = r0;
+            while r + 2 <= r1 {
+                let rp = ((r1 - r) / 2).min(PAIRS);
+                unsafe {
+                    match rp {
+                        2 => block_mmla::<2>(a, &w, r, p, out),
+                        _ => block_mmla::<1>(a, &w, r, p, out),
+                    }
+                }
+                r += 2 * rp;
+            }
+            if r < r1 {
+                // An odd last row: the dot-product kernel.
+                unsafe { block_dot::<1>(a, &w, r, p, out) };
             }
         }
     }

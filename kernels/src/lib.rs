@@ -9,8 +9,9 @@
 //!   optional GELU ([`Activation`]).
 //! - f32 helpers: [`gelu_inplace`], [`softmax_rows_inplace`], [`layer_norm_rows`].
 //! - [`ThreadPool`]: one small persistent pool (caller + parked workers).
-//! - [`Path`]: runtime dispatch AVX-512 VNNI / AVX2 / scalar; force with
-//!   `QMODEL_KERNEL=avx512vnni|avx2|scalar` (read once) or per call via
+//! - [`Path`]: runtime dispatch AVX-512 VNNI / AVX2 (x86-64), i8mm / dotprod (aarch64) /
+//!   scalar; force with `QMODEL_KERNEL=avx512vnni|avx2|neon-i8mm|neon-dot|scalar` (read
+//!   once) or per call via
 //!   [`Exec`].
 //!
 //! ```

@@ -1,8 +1,8 @@
 //! Vectorized f32 helpers for the encoder: GELU (erf), row softmax, LayerNorm.
 //!
 //! Each algorithm is written once over [`V`](crate::simd::V) and instantiated
-//! for AVX-512 (`Path::Avx512Vnni`), AVX2 (`Path::Avx2`) and scalar
-//! (`Path::Scalar`). Elementwise functions (`gelu`, `exp`) give bit-identical
+//! for AVX-512 (`Path::Avx512Vnni`), AVX2 (`Path::Avx2`), NEON (both Arm paths) and
+//! scalar (`Path::Scalar`). Elementwise functions (`gelu`, `exp`) give bit-identical
 //! results on every path; softmax and LayerNorm sum in a different order per
 //! vector width, so they agree to a few ulps.
 
@@ -226,6 +226,10 @@ macro_rules! dispatch_f32 {
             Path::Avx512Vnni => unsafe { $avx512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => unsafe { $avx2($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            Path::NeonI8mm | Path::NeonDot => unsafe {
+                $generic::<crate::simd::F128>($($arg),*)
+            },
             _ => unsafe { $generic::<f32>($($arg),*) },
         }
     }};

@@ -1,6 +1,6 @@
 //! A minimal f32 vector abstraction so each elementwise algorithm (exp, GELU,
 //! softmax, LayerNorm, the GEMM epilogue) is written once and instantiated for
-//! AVX-512 (16 lanes), AVX2 (8 lanes) and plain `f32` (1 lane).
+//! AVX-512 (16 lanes), AVX2 (8 lanes), Arm NEON (4 lanes) and plain `f32` (1 lane).
 //!
 //! Every elementwise operation here is a single IEEE-754 operation (no FMA,
 //! rounding by the `1.5 * 2^23` magic-number trick), so an elementwise result is
@@ -121,6 +121,8 @@ impl V for f32 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm::F128;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{F256, F512};
 
@@ -304,6 +306,91 @@ mod x86 {
                     _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256::<1>(i));
                 let b = _mm_xor_si128(_mm_packs_epi16(w, w), _mm_set1_epi8(xor as i8));
                 _mm_storel_epi64(p as *mut __m128i, b);
+            }
+        }
+    }
+}
+
+/// NEON is part of every aarch64 CPU: these need no `#[target_feature]`.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::V;
+    use std::arch::aarch64::*;
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct F128(pub float32x4_t);
+
+    impl V for F128 {
+        const W: usize = 4;
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { F128(vdupq_n_f32(x)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            unsafe { F128(vld1q_f32(p)) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            unsafe { vst1q_f32(p, self.0) }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { F128(vaddq_f32(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            unsafe { F128(vsubq_f32(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            unsafe { F128(vmulq_f32(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn div(self, o: Self) -> Self {
+            unsafe { F128(vdivq_f32(self.0, o.0)) }
+        }
+        // min/max as compare-and-select, not `fmin`/`fmax`: the same answer as the x86
+        // `minps`/`maxps` and the scalar `if` for every input, NaN included.
+        #[inline(always)]
+        fn min(self, o: Self) -> Self {
+            unsafe { F128(vbslq_f32(vcltq_f32(self.0, o.0), self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn max(self, o: Self) -> Self {
+            unsafe { F128(vbslq_f32(vcgtq_f32(self.0, o.0), self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn pow2i(self) -> Self {
+            unsafe {
+                let n = vcvtq_s32_f32(self.0);
+                let e = vshlq_n_s32::<23>(vaddq_s32(n, vdupq_n_s32(127)));
+                F128(vreinterpretq_f32_s32(e))
+            }
+        }
+        #[inline(always)]
+        fn select_lt(self, o: Self, t: Self, f: Self) -> Self {
+            unsafe { F128(vbslq_f32(vcltq_f32(self.0, o.0), t.0, f.0)) }
+        }
+        #[inline(always)]
+        fn hsum(self) -> f32 {
+            unsafe { vaddvq_f32(self.0) }
+        }
+        #[inline(always)]
+        fn hmax(self) -> f32 {
+            // Lane by lane with `max` above (vmaxvq would propagate NaN differently).
+            let mut lanes = [0f32; 4];
+            unsafe { self.store(lanes.as_mut_ptr()) };
+            lanes.into_iter().fold(lanes[0], V::max)
+        }
+        #[inline(always)]
+        unsafe fn store_i8(self, p: *mut u8, xor: u8) {
+            unsafe {
+                let w = vqmovn_s32(vcvtq_s32_f32(self.0));
+                let b = vqmovn_s16(vcombine_s16(w, w));
+                let b = veor_u8(vreinterpret_u8_s8(b), vdup_n_u8(xor));
+                let word = vget_lane_u32::<0>(vreinterpret_u32_u8(b));
+                (p as *mut u32).write_unaligned(word);
             }
         }
     }

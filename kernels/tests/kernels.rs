@@ -628,6 +628,11 @@ fn active_path_honours_env() {
     assert_eq!(Path::parse("scalar"), Some(Path::Scalar));
     assert_eq!(Path::parse("avx512vnni"), Some(Path::Avx512Vnni));
     assert_eq!(Path::parse("neon"), None);
+    assert_eq!(Path::parse("Neon-I8MM"), Some(Path::NeonI8mm));
+    assert_eq!(Path::parse("neon-dot"), Some(Path::NeonDot));
+    for p in Path::ALL {
+        assert_eq!(Path::parse(p.name()), Some(p));
+    }
     let active = Path::active();
     match std::env::var("QMODEL_KERNEL") {
         Ok(v) if !v.is_empty() => assert_eq!(active, Path::parse(&v).unwrap()),
