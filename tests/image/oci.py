@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """OCI image layout helpers for tests/image/run and bench/image (stdlib only).
 
-  oci.py unpack LAYOUT ROOTFS CONFIG_OUT   verify every blob's digest and size and each layer's
+  oci.py unpack LAYOUT ROOTFS CONFIG_OUT [ARCH]
+                                           verify every blob's digest and size and each layer's
                                            diff_id, apply the layers in order (whiteouts too)
-                                           into ROOTFS, write the image config to CONFIG_OUT
+                                           into ROOTFS, write the image config to CONFIG_OUT;
+                                           a multi-platform index: ARCH's manifest (default
+                                           amd64), the platform checked in the config too
+  oci.py platforms LAYOUT                  the architectures of a layout's image, one per line
   oci.py sizes LAYOUT                      JSON: compressed and uncompressed size of each layer
   oci.py dockerfile-check DOCKERFILE CONFIG
                                            the Dockerfile's final stage (ENTRYPOINT, CMD, USER,
@@ -38,7 +42,12 @@ def blob(layout, desc):
     return data
 
 
-def load(layout):
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def top(layout):
+    """The one descriptor index.json names (a manifest, or a multi-platform image index)."""
     with open(os.path.join(layout, "oci-layout")) as f:
         if json.load(f).get("imageLayoutVersion") != "1.0.0":
             fail("oci-layout: imageLayoutVersion is not 1.0.0")
@@ -46,18 +55,47 @@ def load(layout):
         index = json.load(f)
     if len(index["manifests"]) != 1:
         fail(f"index.json: expected one manifest, found {len(index['manifests'])}")
-    mdesc = index["manifests"][0]
-    if mdesc["mediaType"] != "application/vnd.oci.image.manifest.v1+json":
-        fail(f"index.json: manifest media type {mdesc['mediaType']}")
+    return index["manifests"][0]
+
+
+def platform_manifests(layout):
+    """{architecture: manifest descriptor} of the layout's image."""
+    desc = top(layout)
+    if desc["mediaType"] == MANIFEST:
+        return {desc.get("platform", {}).get("architecture", "amd64"): desc}
+    if desc["mediaType"] != INDEX:
+        fail(f"index.json: media type {desc['mediaType']}")
+    out = {}
+    for m in json.loads(blob(layout, desc))["manifests"]:
+        if m["mediaType"] != MANIFEST or m.get("platform", {}).get("os") != "linux":
+            fail(f"image index entry is not a linux image manifest: {m}")
+        arch = m["platform"]["architecture"]
+        if arch in out:
+            fail(f"image index lists {arch} twice")
+        out[arch] = m
+    return out
+
+
+def load(layout, arch="amd64"):
+    manifests = platform_manifests(layout)
+    if arch not in manifests:
+        fail(f"no {arch} image in {layout} (it has {sorted(manifests)})")
+    mdesc = manifests[arch]
     manifest = json.loads(blob(layout, mdesc))
     config = json.loads(blob(layout, manifest["config"]))
+    if config.get("architecture") != arch or config.get("os") != "linux":
+        fail(f"{arch} manifest's config says {config.get('os')}/{config.get('architecture')}")
     if len(config["rootfs"]["diff_ids"]) != len(manifest["layers"]):
         fail("config's diff_ids and manifest's layers differ in number")
     return mdesc, manifest, config
 
 
-def unpack(layout, rootfs, config_out):
-    _, manifest, config = load(layout)
+def platforms(layout):
+    print("\n".join(sorted(platform_manifests(layout))))
+
+
+def unpack(layout, rootfs, config_out, arch="amd64"):
+    _, manifest, config = load(layout, arch)
     os.makedirs(rootfs, exist_ok=True)
     for desc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"]):
         if desc["mediaType"] != "application/vnd.oci.image.layer.v1.tar+gzip":
@@ -145,4 +183,4 @@ def dockerfile_check(dockerfile, config_path):
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"unpack": unpack, "sizes": sizes, "dockerfile-check": dockerfile_check}[cmd](*rest)
+    {"unpack": unpack, "platforms": platforms, "sizes": sizes, "dockerfile-check": dockerfile_check}[cmd](*rest)
