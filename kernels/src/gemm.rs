@@ -964,9 +964,9 @@ mod arm {
             let channel_pairs = |g: usize, g1: Option<usize>| {
                 let mut bp = [vdupq_n_s8(0); PANEL / 2];
                 for q in 0..4 {
-                    let lo = vreinterpretq_s32_s8(vld1q_s8(b.add(g * 64 + 16 * q)));
+                    let lo = vreinterpretq_s32_s8(vld1q_s8(b.add(g * PANEL * KGROUP + 16 * q)));
                     let hi = g1.map_or(vdupq_n_s32(0), |g1| {
-                        vreinterpretq_s32_s8(vld1q_s8(b.add(g1 * 64 + 16 * q)))
+                        vreinterpretq_s32_s8(vld1q_s8(b.add(g1 * PANEL * KGROUP + 16 * q)))
                     });
                     bp[2 * q] = vreinterpretq_s8_s32(vzip1q_s32(lo, hi));
                     bp[2 * q + 1] = vreinterpretq_s8_s32(vzip2q_s32(lo, hi));
