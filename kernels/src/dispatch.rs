@@ -93,25 +93,36 @@ impl Path {
             .unwrap_or(Path::Scalar)
     }
 
-    /// The process-wide path: `QMODEL_KERNEL` (read once) if set, else [`Path::best`].
-    ///
-    /// Panics on an unknown name or a path this CPU lacks: a forced path that
-    /// silently fell back would defeat the point of forcing it.
+    /// The path `QMODEL_KERNEL` asks for, or [`Path::best`] when it is unset or empty; an
+    /// unknown name or a path this CPU lacks is an error (a forced path that silently fell
+    /// back would defeat the point of forcing it). Servers call it at start to refuse a bad
+    /// value with that message instead of panicking at the first product.
+    pub fn from_env() -> Result<Path, String> {
+        match std::env::var("QMODEL_KERNEL") {
+            Ok(v) if !v.trim().is_empty() => {
+                let p = Path::parse(&v).ok_or_else(|| {
+                    format!("QMODEL_KERNEL={v:?}: expected one of {}", Path::names())
+                })?;
+                if !p.is_supported() {
+                    return Err(format!(
+                        "QMODEL_KERNEL={v}: this CPU does not support it (supported: {})",
+                        Path::supported()
+                            .into_iter()
+                            .map(Path::name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                Ok(p)
+            }
+            _ => Ok(Path::best()),
+        }
+    }
+
+    /// The process-wide path, [`Path::from_env`] read once. Panics where that is an error.
     pub fn active() -> Path {
         static ACTIVE: OnceLock<Path> = OnceLock::new();
-        *ACTIVE.get_or_init(|| match std::env::var("QMODEL_KERNEL") {
-            Ok(v) if !v.trim().is_empty() => {
-                let p = Path::parse(&v).unwrap_or_else(|| {
-                    panic!("QMODEL_KERNEL={v:?}: expected one of {}", Path::names())
-                });
-                assert!(
-                    p.is_supported(),
-                    "QMODEL_KERNEL={v}: this CPU does not support it"
-                );
-                p
-            }
-            _ => Path::best(),
-        })
+        *ACTIVE.get_or_init(|| Path::from_env().unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// Panics unless supported; called before entering `#[target_feature]` code.

@@ -68,7 +68,11 @@ pub fn load(dir: &Path, device: DeviceKind) -> anyhow::Result<LoadedModel> {
     let manifest = artifact::verify(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER_FILE), manifest.max_input_tokens)?;
     let candle_device = match device {
-        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cpu => {
+            // A bad QMODEL_KERNEL fails the load with its reason, not the first product.
+            qmodel_kernels::Path::from_env().map_err(anyhow::Error::msg)?;
+            Device::Cpu
+        }
         DeviceKind::Cuda => cuda_device()?,
     };
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -105,6 +109,38 @@ fn cuda_device() -> anyhow::Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device() -> anyhow::Result<Device> {
     anyhow::bail!("--device cuda: this binary was built without the `cuda` feature")
+}
+
+/// `e` and its causes on one line ("outer: inner"), as `{e:#}` prints them but without the
+/// backtrace candle appends to its errors' text when `RUST_BACKTRACE` is set: a load failure
+/// stays one line (a pod's termination message) and an inference failure one JSON string,
+/// whatever the environment.
+pub fn error_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|cause| match cause.downcast_ref::<candle_core::Error>() {
+            Some(candle) => candle_error_line(candle),
+            None => cause.to_string(),
+        })
+        .flat_map(|text| {
+            text.lines()
+                .map(|line| line.trim().to_owned())
+                .filter(|line| !line.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn candle_error_line(e: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => candle_error_line(inner),
+        Error::Context { inner, context } => format!("{context}: {}", candle_error_line(inner)),
+        Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_error_line(inner))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Any [`Encoder`] behind the [`Backend`] interface: pooling, token states, scores.
@@ -201,5 +237,38 @@ impl Backend for EncoderBackend {
         }
         let (hidden, lens) = self.encode(batch)?;
         self.model.score(&hidden, &lens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::backtrace::Backtrace;
+
+    use super::error_line;
+
+    #[test]
+    fn error_line_drops_candle_backtraces_and_keeps_every_cause() {
+        let with_backtrace = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("CUDA_ERROR_NO_DEVICE".into())),
+            backtrace: Box::new(Backtrace::force_capture()),
+        };
+        let candle = with_backtrace
+            .context("cuInit")
+            .with_path("/models/x/model.safetensors");
+        let e = anyhow::Error::from(candle).context("--device cuda: no usable CUDA GPU");
+        assert!(
+            format!("{e:#}").lines().count() > 1,
+            "the backtrace is in candle's own text"
+        );
+        assert_eq!(
+            error_line(&e),
+            "--device cuda: no usable CUDA GPU: /models/x/model.safetensors: cuInit: CUDA_ERROR_NO_DEVICE"
+        );
+    }
+
+    #[test]
+    fn error_line_joins_the_lines_of_any_other_error() {
+        let e = anyhow::anyhow!("first\n  second\n").context("outer");
+        assert_eq!(error_line(&e), "outer: first: second");
     }
 }

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use qmodel_server::backend::load;
+use qmodel_server::backend::{error_line, load};
 use qmodel_server::config::ServeArgs;
 use qmodel_server::quantize;
 use qmodel_server::service::Service;
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("qmodel-server: {e:#}");
+            eprintln!("qmodel-server: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -58,6 +58,9 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     // pod's termination message).
     tracing::info!(threads = threads.count, reason = %threads.reason, "compute threads");
     let app = Service::new(model, args.limits.clone(), &args.prompts, threads)?;
+    if let Some(kernel) = app.cpu_kernel() {
+        tracing::info!(kernel, "int8 and f32 CPU kernels");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::backend::Encoding;
+use crate::backend::{Encoding, error_line};
 use crate::metrics::Metrics;
 
 /// Runs one batch of one kind of work; returns one output per input, in order. Called only on
@@ -281,7 +281,7 @@ fn run_batch<K: Copy, O>(batch: Vec<Entry<K, O>>, run: &RunBatch<K, O>, metrics:
             outputs.len(),
             encodings.len()
         )),
-        Ok(Err(e)) => Err(format!("{e:#}")),
+        Ok(Err(e)) => Err(error_line(&e)),
         Err(_) => Err("backend panicked".to_owned()),
     };
     metrics

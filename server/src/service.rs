@@ -293,6 +293,11 @@ impl Service {
         &self.limits
     }
 
+    /// The CPU kernels' path the model runs on (`None` on a GPU).
+    pub fn cpu_kernel(&self) -> Option<&'static str> {
+        (self.device == DeviceKind::Cpu).then(|| qmodel_kernels::Path::active().name())
+    }
+
     pub fn device(&self) -> DeviceKind {
         self.device
     }

@@ -34,10 +34,6 @@ fn replace_consistently(dir: &Path, file: &str, bytes: &[u8]) {
 /// before it binds its port.
 #[test]
 fn a_bad_model_directory_fails_with_one_line_before_binding() {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
     let f32_weights = std::fs::read(
         common::artifact(&common::minilm(), Precision::F32)
             .path()
@@ -118,39 +114,82 @@ fn a_bad_model_directory_fails_with_one_line_before_binding() {
     for (what, damage, reason) in &cases {
         let dir = minilm_int8();
         damage(dir.path());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--model")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A damaged artifact that loads would serve forever: stop it and report the row.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if child.try_wait().unwrap().is_none() {
-            let _ = child.kill();
-        }
-        let output = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        eprintln!("{what}: {} {}", output.status, stderr.trim());
-        let ok = !output.status.success()
-            && stderr.lines().count() == 1
-            && stderr.starts_with("qmodel-server: ")
-            && stderr.contains(reason)
-            && !stdout.contains("listening");
-        if !ok {
-            failures.push(format!(
-                "{what}: {} stderr {stderr:?} stdout {stdout:?}",
-                output.status
-            ));
+        if let Err(failure) = fails_with_one_line(dir.path(), &[], reason) {
+            failures.push(format!("{what}: {failure}"));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A kernel path that is not one, or one this CPU lacks, is refused at start with the reason.
+#[test]
+fn a_bad_kernel_choice_fails_with_one_line_before_binding() {
+    let dir = minilm_int8();
+    let cases = [
+        (
+            "QMODEL_KERNEL=fastest",
+            "expected one of avx512vnni, avx2, neon-i8mm, neon-dot, scalar",
+        ),
+        // No CPU runs both families: whichever this one is, the other is refused.
+        (
+            if cfg!(target_arch = "aarch64") {
+                "QMODEL_KERNEL=avx2"
+            } else {
+                "QMODEL_KERNEL=neon-dot"
+            },
+            "this CPU does not support it",
+        ),
+    ];
+    for (setting, reason) in cases {
+        let (name, value) = setting.split_once('=').unwrap();
+        fails_with_one_line(dir.path(), &[(name, value)], reason)
+            .unwrap_or_else(|e| panic!("{setting}: {e}"));
+    }
+}
+
+/// Runs `serve` on `dir` with `env` (and RUST_BACKTRACE=1: candle's errors carry a backtrace
+/// then, which must not reach the one line) and checks it exits non-zero, before binding, with
+/// one stderr line containing `reason`.
+fn fails_with_one_line(dir: &Path, env: &[(&str, &str)], reason: &str) -> Result<(), String> {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qmodel-server"))
+        .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .arg("--model")
+        .arg(dir)
+        .env("RUST_BACKTRACE", "1")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A bad setup that loads would serve forever: stop it and report it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{} {}", output.status, stderr.trim());
+    let ok = !output.status.success()
+        && stderr.lines().count() == 1
+        && stderr.starts_with("qmodel-server: ")
+        && stderr.contains(reason)
+        && !stdout.contains("listening");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} stderr {stderr:?} stdout {stdout:?}",
+            output.status
+        ))
+    }
 }
 
 /// 500 concurrent clients, each sending 8 inputs near the 256-token limit, in two waves: the
@@ -360,7 +399,7 @@ async fn sigterm_withdraws_readiness_but_serves_through_the_grace_period() {
 }
 
 /// Compute threads follow the CPUs the process may use, not the machine's core count, and
-/// INFERENCE_THREADS overrides; /info says how many and why.
+/// INFERENCE_THREADS overrides; /info says how many and why, and which CPU kernels run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_threads_follow_the_cpu_affinity_or_the_flag() {
     let model = minilm_int8();
@@ -384,6 +423,12 @@ async fn compute_threads_follow_the_cpu_affinity_or_the_flag() {
     let told = info(Server::start(model.path(), &[("INFERENCE_THREADS", "3")])).await;
     assert_eq!(told["compute_threads"], 3, "{told}");
     assert_eq!(told["compute_threads_reason"], "--inference-threads");
+    // The kernel path: what this process, with the same environment, would pick.
+    assert_eq!(
+        told["cpu_kernel"],
+        qmodel_kernels::Path::from_env().unwrap().name(),
+        "{told}"
+    );
 }
 
 /// 32 inputs of distinct lengths (the last few truncated to 256 tokens): many batches in a row.

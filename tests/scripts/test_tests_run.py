@@ -26,6 +26,7 @@ COMMANDS = [
     "tests/cluster/node-check",
     "tests/cluster/down",
     "tests/cluster/check-clean",
+    "tests/cuda/run",
     "tests/arm/run",
     "tests/image/run",
     "bin/cargo",
@@ -88,7 +89,7 @@ def test_every_step_runs_when_nothing_fails(tmp_path):
     last_test = len(order) - 1 - order[::-1].index("cargo test")
     assert order[last_test + 1 : last_test + 3] == ["tests/cluster/down", "tests/cluster/check-clean compare"], order
     assert order.count("tests/cluster/down") == 1, order
-    assert order[-2:] == ["tests/arm/run", "tests/image/run"], order
+    assert order[-3:] == ["tests/arm/run", "tests/image/run", "tests/cuda/run"], order
 
 
 @pytest.mark.parametrize(
@@ -105,6 +106,7 @@ def test_every_step_runs_when_nothing_fails(tmp_path):
         ("tests/cluster/check-clean compare", "Cluster down leaves nothing behind"),
         ("tests/arm/run", "Arm (aarch64) under qemu-user"),
         ("tests/image/run", "Baked image"),
+        ("tests/cuda/run", "CUDA build without a GPU"),
     ],
 )
 def test_a_failing_step_stops_the_run_there(tmp_path, fail_call, step):

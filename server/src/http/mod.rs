@@ -340,6 +340,7 @@ async fn info(State(service): AppState) -> Json<Info> {
         default_prompt: service.default_prompt().map(str::to_owned),
         compute_threads: service.compute_threads().count,
         compute_threads_reason: service.compute_threads().reason.clone(),
+        cpu_kernel: service.cpu_kernel().map(str::to_owned),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }
