@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -21,17 +21,28 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::autoscaler::{self, Autoscaler, Decision};
+use crate::canary;
 use crate::config::OperatorConfig;
-use crate::crd::QuantizedModel;
+use crate::crd::{
+    AutoscalingSpec, AutoscalingStatus, CanaryStatus, QualityGateSpec, QuantizedModel, Task,
+};
+use crate::golden;
 use crate::metrics::Metrics;
+use crate::pod_client::PodClient;
+use crate::pod_metrics::{self, PodMetrics};
 use crate::resources::{self, DesiredState};
-use crate::rollout::{self, Plan};
+use crate::rollout::{self, CanaryPlan, Plan};
 use crate::status::{self, Observation, Rollout};
 
 /// Requeue interval while a rollout is under way, as a safety net next to the Deployment watch.
 const ROLLOUT_RECHECK: Duration = Duration::from_secs(30);
 /// Periodic resync of a settled model, repairing drift the watches missed.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How often the autoscaler samples its pods' load; also the requeue of an autoscaled model.
+const AUTOSCALE_INTERVAL: Duration = Duration::from_secs(5);
+/// Requeue while a canary waits for traffic or for its metrics to be readable.
+const CANARY_RECHECK: Duration = Duration::from_secs(5);
 const FIRST_RETRY: Duration = Duration::from_secs(5);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
@@ -56,6 +67,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per model, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<QuantizedModel>, u32>>,
+    /// The autoscaler's state per model, with its last decision (reused until the next
+    /// sample is due, so a status write's own watch event changes nothing).
+    autoscalers: Mutex<HashMap<ObjectRef<QuantizedModel>, (Autoscaler, Decision)>>,
+    pods: PodClient,
 }
 
 impl Context {
@@ -75,6 +90,8 @@ impl Context {
             config,
             metrics,
             failures: Mutex::default(),
+            autoscalers: Mutex::default(),
+            pods: PodClient::default(),
         }
     }
 }
@@ -96,8 +113,33 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
     let name = model.name_any();
     let now = Time(Timestamp::now());
 
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = resources::selector_string(&name);
+    // The operator's autoscaler sets the replica count: the model is planned at its count.
+    let (model, scaling, listed) = match model.spec.operator_autoscaling() {
+        Some(settings) => {
+            let pods = pods_api
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items;
+            let decision = autoscale(&model, settings, &pods, &now, &ctx).await;
+            let mut scaled = model.as_ref().clone();
+            scaled.spec.replicas = decision.desired;
+            (Arc::new(scaled), Some(decision), Some(pods))
+        }
+        None => (model, None, None),
+    };
+
     let plan = Plan::of(&model);
-    let (new_status, action) = match resources::desired_state(&plan.model(&model), &ctx.config) {
+    let rendered = resources::desired_state(&plan.model(&model), &ctx.config).and_then(|desired| {
+        let canary = plan
+            .canary
+            .as_ref()
+            .map(|canary| resources::canary_deployment(&canary_model(&model, canary), &ctx.config))
+            .transpose()?;
+        Ok((desired, canary))
+    });
+    let (new_status, action) = match rendered {
         Err(error) => {
             ctx.metrics.invalid_specs.inc();
             warn!(%namespace, %name, %error, "spec cannot be served; nothing applied");
@@ -105,21 +147,71 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
             let status = status::status(&model, &Observation::Invalid(&error), &now);
             (status, Action::await_change())
         }
-        Ok(desired) => {
+        Ok((desired, canary_deployment)) => {
             let deployment = apply(&model, &desired, &namespace, &ctx).await?;
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-            let pods = pods
-                .list(&ListParams::default().labels(&desired.selector))
-                .await?
-                .items;
-            let verdict = rollout::judge(&model, &plan, &deployment, &pods, &now);
-            let (plan, desired, deployment) = match plan.after(verdict) {
+            if let Some(canary_deployment) = &canary_deployment {
+                apply_canary(canary_deployment, &namespace, &ctx).await?;
+            }
+            let pods = match listed {
+                Some(pods) => pods,
+                None => {
+                    pods_api
+                        .list(&ListParams::default().labels(&desired.selector))
+                        .await?
+                        .items
+                }
+            };
+            let mut verdict = rollout::judge(&model, &plan, &deployment, &pods, &now);
+            let mut judged_canary = None;
+            let mut promote = false;
+            if let (rollout::Verdict::Proceed, Some(canary)) = (&verdict, &plan.canary) {
+                match judge_canary(&model, canary, &pods, &now, &ctx).await {
+                    canary::Verdict::Continue(status) => judged_canary = Some(status),
+                    canary::Verdict::Promote(status) => {
+                        ctx.metrics
+                            .canary_verdicts
+                            .with_label_values(&["promoted"])
+                            .inc();
+                        info!(%namespace, %name, version = %status.version, message = %status.message,
+                            "canary passed; promoting");
+                        judged_canary = Some(status);
+                        promote = true;
+                    }
+                    canary::Verdict::Fail {
+                        status,
+                        reason,
+                        message,
+                    } => {
+                        ctx.metrics
+                            .canary_verdicts
+                            .with_label_values(&["rolled_back"])
+                            .inc();
+                        verdict = rollout::roll_back(
+                            &model,
+                            &status.version,
+                            reason.to_owned(),
+                            message,
+                            &now,
+                        );
+                        judged_canary = Some(status);
+                    }
+                }
+            }
+            let next = if promote {
+                Some(plan.promoted(&model))
+            } else {
+                plan.after(verdict)
+            };
+            let (plan, desired, deployment) = match next {
                 Some(next) => match next_step(&model, next, &namespace, &ctx).await? {
                     Some(applied) => applied,
                     None => (plan, desired, deployment),
                 },
                 None => (plan, desired, deployment),
             };
+            if plan.canary.is_none() && canary_may_run(&model, &pods) {
+                scale_canary_to_zero(&name, &namespace, &ctx).await?;
+            }
             let status = status::status(
                 &model,
                 &Observation::Applied {
@@ -130,10 +222,22 @@ pub async fn reconcile(model: Arc<QuantizedModel>, ctx: Arc<Context>) -> Result<
                 },
                 &now,
             );
-            let action = match status::rollout(&deployment) {
+            let mut status = status::with_canary(status, &model, judged_canary, &now);
+            status.autoscaling = scaling.as_ref().zip(model.spec.operator_autoscaling()).map(
+                |(decision, settings)| {
+                    autoscaling_status(&model, settings, decision, &status, &now)
+                },
+            );
+            let mut action = match status::rollout(&deployment) {
                 Rollout::InProgress(_) => Action::requeue(ROLLOUT_RECHECK),
                 Rollout::Complete | Rollout::Stalled(_) => Action::requeue(RESYNC),
             };
+            if let Some(canary) = plan.canary.as_ref().zip(status.canary.as_ref()) {
+                action = Action::requeue(canary_recheck(canary.0, canary.1, &now));
+            }
+            if scaling.is_some() {
+                action = Action::requeue(AUTOSCALE_INTERVAL);
+            }
             (status, action)
         }
     };
@@ -187,12 +291,319 @@ async fn next_step(
                 to = %rollback.rolled_back_to, reason = %rollback.reason,
                 "rollout failed; rolling back");
         }
-        None => {
+        None if next.one_at_a_time => {
             info!(%namespace, %name, "no spare GPU for a surge pod; replacing pods one at a time")
+        }
+        None => {
+            info!(%namespace, %name, version = %next.version(), "rolling out the promoted canary's version")
         }
     }
     let deployment = apply(model, &desired, namespace, ctx).await?;
     Ok(Some((next, desired, deployment)))
+}
+
+/// The model as its canary Deployment renders it: the canary's spec.
+fn canary_model(model: &QuantizedModel, canary: &CanaryPlan) -> QuantizedModel {
+    QuantizedModel {
+        spec: canary.spec.clone(),
+        ..model.clone()
+    }
+}
+
+async fn apply_canary(
+    deployment: &Deployment,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    deployments
+        .patch(
+            deployment.metadata.name.as_deref().unwrap_or_default(),
+            &apply_params(&ctx.config),
+            &Patch::Apply(deployment),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether a canary Deployment may still have pods: canary pods are listed, or the last status
+/// had a canary starting or under analysis.
+fn canary_may_run(model: &QuantizedModel, pods: &[Pod]) -> bool {
+    use crate::crd::CanaryPhase;
+    pods.iter().any(is_canary)
+        || model
+            .status
+            .as_ref()
+            .and_then(|s| s.canary.as_ref())
+            .is_some_and(|c| matches!(c.phase, CanaryPhase::Starting | CanaryPhase::Analysing))
+}
+
+fn is_canary(pod: &Pod) -> bool {
+    pod.labels().get(resources::TRACK_LABEL).map(String::as_str) == Some(resources::CANARY)
+}
+
+/// Ends a canary: its Deployment goes to zero replicas (the operator may not delete
+/// Deployments; the next canary reuses it). Its pods drain like any replaced pod.
+async fn scale_canary_to_zero(
+    name: &str,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let zero = json!({"spec": {"replicas": 0}});
+    match deployments
+        .patch(
+            &resources::canary_name(name),
+            &PatchParams::default(),
+            &Patch::Merge(&zero),
+        )
+        .await
+    {
+        Ok(_) => {
+            info!(%namespace, %name, "canary scaled to zero");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn ready_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<&'a Pod> {
+    pods.into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none() && rollout::ready(pod))
+        .collect()
+}
+
+/// Each pod's `/metrics`, parsed.
+async fn scrape(pods: &[&Pod], ctx: &Context) -> Vec<Result<PodMetrics, String>> {
+    futures::future::join_all(pods.iter().map(|pod| async {
+        let text = ctx.pods.get(pod, "/metrics").await?;
+        Ok(pod_metrics::parse(&text))
+    }))
+    .await
+}
+
+/// Measures and judges the canary in force: its pods' failures, readiness, the quality gate
+/// once they are Ready, and its and the stable pods' metrics once the window is over.
+async fn judge_canary(
+    model: &QuantizedModel,
+    canary: &CanaryPlan,
+    pods: &[Pod],
+    now: &Time,
+    ctx: &Context,
+) -> canary::Verdict {
+    let version = &canary.status.version;
+    let canary_pods: Vec<&Pod> = pods
+        .iter()
+        .filter(|pod| {
+            is_canary(pod) && pod.labels().get(resources::MODEL_VERSION_KEY) == Some(version)
+        })
+        .collect();
+    if let Some((reason, message)) = rollout::pod_failure(&canary.spec, &canary_pods, now) {
+        // A canary that cannot run fails like a rollout that cannot; the reason is its pods'.
+        let mut status = canary.status.clone();
+        status.phase = crate::crd::CanaryPhase::RolledBack;
+        status.message = message.clone();
+        let reason = match reason.as_str() {
+            status::IMAGE_PULL_BACK_OFF => status::IMAGE_PULL_BACK_OFF,
+            status::CRASH_LOOP_BACK_OFF => status::CRASH_LOOP_BACK_OFF,
+            rollout::NOT_READY => rollout::NOT_READY,
+            _ => "CanaryPodFailed",
+        };
+        return canary::Verdict::Fail {
+            status,
+            reason,
+            message,
+        };
+    }
+    let ready = ready_pods(canary_pods.iter().copied());
+    let ready_count = i32::try_from(ready.len()).unwrap_or(i32::MAX);
+    let quality = match &canary.settings.quality_gate {
+        Some(gate) if canary::needs_quality_gate(&canary.settings, &canary.status, ready_count) => {
+            Some(quality_gate(model, gate, &ready, ctx).await)
+        }
+        _ => None,
+    };
+    let mut analysed = canary.status.clone();
+    if analysed.analysis_started.is_none() && ready_count >= canary.settings.replicas {
+        analysed.analysis_started = Some(now.clone());
+    }
+    let over = canary::window_over(&canary.settings, &analysed, now);
+    let (canary_metrics, stable_metrics);
+    let metrics = if over {
+        let canary_read: Result<Vec<PodMetrics>, String> =
+            scrape(&ready, ctx).await.into_iter().collect();
+        let stable = ready_pods(pods.iter().filter(|pod| !is_canary(pod)));
+        // The baseline is best effort: a stable pod that cannot be read is left out.
+        stable_metrics = PodMetrics::sum(scrape(&stable, ctx).await.iter().flatten());
+        match canary_read {
+            Ok(read) => {
+                canary_metrics = PodMetrics::sum(&read);
+                Some(Ok((&canary_metrics, &stable_metrics)))
+            }
+            Err(error) => Some(Err(error)),
+        }
+    } else {
+        None
+    };
+    canary::judge(
+        &canary.settings,
+        canary.spec.rollout.ready_timeout_seconds,
+        canary.spec.model.task == Task::Rerank,
+        &canary.status,
+        &canary::Observed {
+            ready_pods: ready_count,
+            metrics,
+            quality,
+        },
+        now,
+    )
+}
+
+/// Sends the golden set of `gate` to every Ready canary pod: the lowest cosine (embeddings) or
+/// rank agreement (rankings) any of them gave.
+async fn quality_gate(
+    model: &QuantizedModel,
+    gate: &QualityGateSpec,
+    pods: &[&Pod],
+    ctx: &Context,
+) -> Result<f64, String> {
+    let namespace = model.namespace().unwrap_or_default();
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let config_map = config_maps
+        .get(&gate.config_map)
+        .await
+        .map_err(|error| format!("reading ConfigMap {}: {error}", gate.config_map))?;
+    let text = config_map
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&gate.key))
+        .ok_or_else(|| format!("ConfigMap {} has no key {}", gate.config_map, gate.key))?;
+    let task = model.spec.model.task;
+    let set = golden::parse(text, task)
+        .map_err(|error| format!("ConfigMap {} key {}: {error}", gate.config_map, gate.key))?;
+    let mut lowest = f64::INFINITY;
+    for pod in pods {
+        let measured = match task {
+            Task::Embed => {
+                let answer = ctx
+                    .pods
+                    .post(pod, "/embed", golden::embed_request(&set))
+                    .await?;
+                golden::min_cosine(&set, &answer)?
+            }
+            Task::Rerank => {
+                let mut low = f64::INFINITY;
+                for ranking in &set.rankings {
+                    let answer = ctx
+                        .pods
+                        .post(pod, "/rerank", golden::rerank_request(ranking))
+                        .await?;
+                    low = low.min(golden::rank_agreement(ranking, &answer)?);
+                }
+                low
+            }
+        };
+        lowest = lowest.min(measured);
+    }
+    if lowest.is_finite() {
+        Ok(lowest)
+    } else {
+        Err("no Ready canary pod to send the golden set to".to_owned())
+    }
+}
+
+/// When to look at a judged canary again: at the end of its window, or shortly while it waits
+/// for traffic or metrics; pod changes trigger reconciles of their own.
+fn canary_recheck(canary: &CanaryPlan, status: &CanaryStatus, now: &Time) -> Duration {
+    match canary::seconds_left(&canary.settings, status, now) {
+        Some(left) if left > 0 => Duration::from_secs(left.unsigned_abs()),
+        Some(_) => CANARY_RECHECK,
+        None => ROLLOUT_RECHECK,
+    }
+}
+
+/// The autoscaler's decision for `model`: a new sample of its Ready pods' load when one is due,
+/// else the last decision.
+async fn autoscale(
+    model: &QuantizedModel,
+    settings: &AutoscalingSpec,
+    pods: &[Pod],
+    now: &Time,
+    ctx: &Context,
+) -> Decision {
+    let key = ObjectRef::from(model);
+    let seconds = now.0.as_millisecond() as f64 / 1000.0;
+    let (min, max) = autoscaler::bounds(settings);
+    let current = model
+        .status
+        .as_ref()
+        .and_then(|s| s.autoscaling.as_ref())
+        .map_or(model.spec.replicas, |a| a.desired_replicas)
+        .clamp(min, max);
+    if let Some((scaler, last)) = ctx
+        .autoscalers
+        .lock()
+        .expect("autoscaler lock poisoned")
+        .get(&key)
+        && !scaler.due(seconds, AUTOSCALE_INTERVAL.as_secs_f64())
+    {
+        return last.clone();
+    }
+    let ready = ready_pods(pods);
+    let read: Vec<f64> = scrape(&ready, ctx)
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|pod| pod.gauge(settings.metric))
+        .collect();
+    // Pods that could not be read are counted at the average of those that could.
+    let total = (!read.is_empty())
+        .then(|| read.iter().sum::<f64>() / read.len() as f64 * ready.len() as f64);
+    let mut autoscalers = ctx.autoscalers.lock().expect("autoscaler lock poisoned");
+    let (scaler, last) = autoscalers
+        .entry(key)
+        .or_insert_with(|| (Autoscaler::default(), Decision::default()));
+    *last = scaler.sample(settings, current, total, seconds);
+    let labels = [model.namespace().unwrap_or_default(), model.name_any()];
+    let labels = [labels[0].as_str(), labels[1].as_str()];
+    ctx.metrics
+        .autoscaler_desired_replicas
+        .with_label_values(&labels)
+        .set(i64::from(last.desired));
+    if let Some(signal) = last.signal {
+        ctx.metrics
+            .autoscaler_signal
+            .with_label_values(&labels)
+            .set(signal);
+    }
+    last.clone()
+}
+
+fn autoscaling_status(
+    model: &QuantizedModel,
+    settings: &AutoscalingSpec,
+    decision: &Decision,
+    status: &crate::crd::QuantizedModelStatus,
+    now: &Time,
+) -> AutoscalingStatus {
+    let previous = model.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let changed = previous.is_some_and(|p| p.desired_replicas != decision.desired);
+    AutoscalingStatus {
+        metric: settings.metric,
+        desired_replicas: decision.desired,
+        current_replicas: status.ready_replicas,
+        signal: decision
+            .signal
+            .map_or_else(|| "n/a".to_owned(), canary::figure),
+        target_per_replica: canary::figure(settings.target_per_replica),
+        last_scale_time: if changed {
+            Some(now.clone())
+        } else {
+            previous.and_then(|p| p.last_scale_time.clone())
+        },
+        message: decision.message.clone(),
+    }
 }
 
 fn apply_params(config: &OperatorConfig) -> PatchParams {

@@ -38,6 +38,9 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Last-Good", type_ = "string", json_path = ".status.lastGoodVersion"),
     printcolumn(name = "Precision", type_ = "string", json_path = ".spec.precision"),
     printcolumn(name = "Device", type_ = "string", json_path = ".status.device"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.autoscaling.desiredReplicas"),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.canary.phase"),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     // The Deployment, Service and PodDisruptionBudget share the model's name, which is also a
@@ -48,7 +51,8 @@ use serde::{Deserialize, Serialize};
 #[x_kube(
     validation = Rule::new("self.precision != 'fp16' || !has(self.device) || self.device == 'gpu'").message("precision fp16 requires device gpu"),
     validation = Rule::new("!(self.precision in ['int8', 'int4']) || !has(self.device) || self.device == 'cpu'").message("precisions int8 and int4 run on device cpu only"),
-    validation = Rule::new("!has(self.gpu) || (has(self.device) ? self.device == 'gpu' : self.precision == 'fp16')").message("spec.gpu is only allowed with device gpu")
+    validation = Rule::new("!has(self.gpu) || (has(self.device) ? self.device == 'gpu' : self.precision == 'fp16')").message("spec.gpu is only allowed with device gpu"),
+    validation = Rule::new("!has(self.rollout.canary) || self.rollout.canary.replicas <= (has(self.autoscaling) && self.autoscaling.enabled && has(self.autoscaling.maxReplicas) ? self.autoscaling.maxReplicas : self.replicas)").message("rollout.canary.replicas must not exceed the model's replicas (autoscaling.maxReplicas when the operator autoscales)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct QuantizedModelSpec {
@@ -107,9 +111,18 @@ pub struct QuantizedModelSpec {
 }
 
 impl QuantizedModelSpec {
-    /// Whether an autoscaler, not the operator, owns the Deployment's replica count.
-    pub fn autoscaled(&self) -> bool {
-        self.autoscaling.as_ref().is_some_and(|a| a.enabled)
+    /// Whether an external autoscaler, not the operator, owns the Deployment's replica count.
+    pub fn externally_scaled(&self) -> bool {
+        self.autoscaling
+            .as_ref()
+            .is_some_and(|a| a.enabled && a.external)
+    }
+
+    /// The operator's own autoscaler settings, when it sets the replica count from load.
+    pub fn operator_autoscaling(&self) -> Option<&AutoscalingSpec> {
+        self.autoscaling
+            .as_ref()
+            .filter(|a| a.enabled && !a.external && a.max_replicas.is_some())
     }
 
     /// The device the model runs on: the explicit one, else the precision's natural device.
@@ -132,13 +145,88 @@ fn drop_null_enum_value(schema: &mut schemars::Schema) {
     }
 }
 
-/// Who owns the Deployment's replica count.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+/// Who sets the Deployment's replica count: `spec.replicas` (without this), the operator's
+/// autoscaler on the server's own load (`enabled` with `minReplicas`/`maxReplicas`), or an
+/// external autoscaler such as a HorizontalPodAutoscaler (`enabled` and `external`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!self.enabled || self.external || has(self.maxReplicas)").message("autoscaling needs maxReplicas for the operator's autoscaler, or external: true to leave replicas to an HPA"),
+    validation = Rule::new("!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// The Deployment's replicas are left to an autoscaler, not set by the operator.
     #[serde(default)]
     pub enabled: bool,
+    /// Leave the Deployment's replicas to an external autoscaler (an HPA targeting it): the
+    /// operator stops setting `replicas` in its apply, so it never fights the autoscaler, and
+    /// `spec.replicas` only decides the PodDisruptionBudget. Enabling it on a running model
+    /// hands the field over: the Deployment keeps its current count until the autoscaler
+    /// changes it.
+    #[serde(default)]
+    pub external: bool,
+    #[serde(default = "default_min_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.minReplicas must be at least 1"))]
+    pub min_replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("autoscaling.maxReplicas must be at least 1"))]
+    pub max_replicas: Option<i32>,
+    /// The server's own load signal, read from every Ready pod's `/metrics`.
+    #[serde(default)]
+    pub metric: ScaleMetric,
+    /// The signal's target per replica: replicas = ceil(smoothed total / target).
+    #[serde(default = "default_target_per_replica")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("autoscaling.targetPerReplica must be positive"))]
+    pub target_per_replica: f64,
+    /// Seconds the load must stay low before replicas are removed: the count drops only to the
+    /// highest recommendation of that window.
+    #[serde(default = "default_scale_down_delay_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0").message("autoscaling.scaleDownDelaySeconds must not be negative"))]
+    pub scale_down_delay_seconds: i32,
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            external: false,
+            min_replicas: default_min_replicas(),
+            max_replicas: None,
+            metric: ScaleMetric::default(),
+            target_per_replica: default_target_per_replica(),
+            scale_down_delay_seconds: default_scale_down_delay_seconds(),
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_target_per_replica() -> f64 {
+    4.0
+}
+
+fn default_scale_down_delay_seconds() -> i32 {
+    300
+}
+
+/// A load signal `qmodel-server` exports.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScaleMetric {
+    /// `qmodel_requests_in_flight`: API requests received and not yet answered.
+    #[default]
+    InFlight,
+    /// `qmodel_queue_depth`: inputs waiting for a batch.
+    QueueDepth,
+}
+
+impl ScaleMetric {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScaleMetric::InFlight => "InFlight",
+            ScaleMetric::QueueDepth => "QueueDepth",
+        }
+    }
 }
 
 fn default_replicas() -> i32 {
@@ -309,6 +397,10 @@ pub struct RolloutSpec {
     /// What a GPU rollout does when its surge pod finds no free GPU.
     #[serde(default)]
     pub no_spare_gpu: NoSpareGpu,
+    /// Run a new version on a few pods beside the stable ones, judge it, and only then roll it
+    /// out to every replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
 }
 
 impl Default for RolloutSpec {
@@ -320,8 +412,95 @@ impl Default for RolloutSpec {
             auto_rollback: default_auto_rollback(),
             ready_timeout_seconds: default_ready_timeout_seconds(),
             no_spare_gpu: NoSpareGpu::default(),
+            canary: None,
         }
     }
+}
+
+/// A canary analysis: the new version's pods serve a share of the Service's traffic
+/// (`replicas` of `replicas + stable replicas`) for `analysisSeconds`, then their own metrics
+/// and the quality gate decide between promoting it and rolling it back.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanarySpec {
+    /// Pods of the new version, beside the stable replicas.
+    #[serde(default = "default_canary_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollout.canary.replicas must be at least 1"))]
+    pub replicas: i32,
+    /// Seconds of analysis, counted from every canary pod being Ready.
+    #[serde(default = "default_analysis_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1").message("rollout.canary.analysisSeconds must be at least 1"))]
+    pub analysis_seconds: i32,
+    /// Highest share of the canary's API requests answered with a 5xx.
+    #[serde(default = "default_max_error_rate")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("rollout.canary.maxErrorRate must be within 0 and 1"))]
+    pub max_error_rate: f64,
+    /// Highest p99 latency of the canary's API requests, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("rollout.canary.maxP99Seconds must be positive"))]
+    pub max_p99_seconds: Option<f64>,
+    /// Highest ratio of the canary's p99 latency to the stable pods' (over their lifetime).
+    #[serde(default = "default_max_p99_ratio")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("rollout.canary.maxP99Ratio must be positive"))]
+    pub max_p99_ratio: f64,
+    /// Fewest API requests the canary must have answered for the error-rate and latency checks
+    /// to count; with fewer, the analysis waits (up to `readyTimeoutSeconds` more) for traffic.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0").message("rollout.canary.minRequests must not be negative"))]
+    pub min_requests: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality_gate: Option<QualityGateSpec>,
+}
+
+fn default_canary_replicas() -> i32 {
+    1
+}
+
+fn default_analysis_seconds() -> i32 {
+    60
+}
+
+fn default_max_error_rate() -> f64 {
+    0.01
+}
+
+fn default_max_p99_ratio() -> f64 {
+    2.0
+}
+
+/// A golden set sent to every canary pod: a ConfigMap key holding JSON
+/// `{"embeddings": [{"input": "...", "embedding": [...]}],
+///   "rankings": [{"query": "...", "texts": ["..."], "order": [2, 0, 1]}]}`
+/// (`order`: text indices, most relevant first). An embedding model answers `embeddings` through
+/// `/embed`, a reranker `rankings` through `/rerank`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QualityGateSpec {
+    /// ConfigMap in the model's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map: String,
+    #[serde(default = "default_golden_key")]
+    pub key: String,
+    /// Lowest cosine similarity of any embedding to its expected one.
+    #[serde(default = "default_min_cosine")]
+    #[x_kube(validation = Rule::new("self >= -1.0 && self <= 1.0").message("qualityGate.minCosine must be within -1 and 1"))]
+    pub min_cosine: f64,
+    /// Lowest rank agreement (the share of text pairs ordered as expected) of any query.
+    #[serde(default = "default_min_rank_agreement")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("qualityGate.minRankAgreement must be within 0 and 1"))]
+    pub min_rank_agreement: f64,
+}
+
+fn default_golden_key() -> String {
+    "golden.json".to_owned()
+}
+
+fn default_min_cosine() -> f64 {
+    0.99
+}
+
+fn default_min_rank_agreement() -> f64 {
+    0.9
 }
 
 fn default_auto_rollback() -> bool {
@@ -450,6 +629,72 @@ pub struct QuantizedModelStatus {
     /// model: a spare GPU or a brief outage, and which `rollout.noSpareGpu` chose).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_note: Option<String>,
+    /// The canary analysis of the spec's version, while it runs and after its verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+    /// The operator's autoscaler: what it measured and decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// Where a canary stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CanaryPhase {
+    /// Canary pods starting.
+    Starting,
+    /// Every canary pod Ready; metrics and the quality gate are being judged.
+    Analysing,
+    /// Passed: the version rolls out to every replica.
+    Promoting,
+    /// Promoted and rolled out.
+    Promoted,
+    /// Failed a check: the canary pods are gone, the stable version serves.
+    RolledBack,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    pub phase: CanaryPhase,
+    pub version: String,
+    /// Fingerprint of the spec under analysis: a different spec starts a new canary.
+    pub spec_hash: String,
+    /// When every canary pod was first Ready: the analysis window starts there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_started: Option<Time>,
+    /// The checks as last measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CanaryCheck>,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// One analysis check: its measured value against its limit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryCheck {
+    /// `errorRate`, `p99Seconds`, `p99Ratio`, `minCosine`, `minRankAgreement`.
+    pub name: String,
+    /// The measured value, as text (a float's shortest form).
+    pub value: String,
+    pub limit: String,
+    pub passed: bool,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    pub metric: ScaleMetric,
+    pub desired_replicas: i32,
+    pub current_replicas: i32,
+    /// The smoothed signal summed over Ready pods, as text.
+    pub signal: String,
+    pub target_per_replica: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Why the count is what it is (scaled up, held by the scale-down delay, at a bound, ...).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// A rollout that failed and was undone.
@@ -547,6 +792,9 @@ mod tests {
                 "LAST-GOOD",
                 "PRECISION",
                 "DEVICE",
+                "REPLICAS",
+                "DESIRED",
+                "CANARY",
                 "ENDPOINT",
                 "AGE"
             ]
@@ -618,6 +866,48 @@ mod tests {
             cel_errors(json!({"precision": "fp32", "device": "gpu", "gpu": {"count": 1}})),
             ""
         );
+        assert_eq!(
+            cel_errors(json!({
+                "replicas": 1,
+                "autoscaling": {"enabled": true, "minReplicas": 1, "maxReplicas": 4},
+                "rollout": {"canary": {"replicas": 2, "qualityGate": {"configMap": "golden"}}},
+            })),
+            ""
+        );
+        assert_eq!(
+            cel_errors(json!({"autoscaling": {"enabled": true, "external": true}})),
+            ""
+        );
+    }
+
+    #[test]
+    fn schema_defaults_fill_the_canary_and_the_autoscaler() {
+        let qm = model(json!({
+            "autoscaling": {"enabled": true, "maxReplicas": 3},
+            "rollout": {"canary": {"qualityGate": {"configMap": "golden"}}},
+        }));
+        let autoscaling = qm
+            .spec
+            .operator_autoscaling()
+            .expect("the operator autoscales");
+        assert_eq!(
+            (
+                autoscaling.min_replicas,
+                autoscaling.metric,
+                autoscaling.target_per_replica
+            ),
+            (1, ScaleMetric::InFlight, 4.0)
+        );
+        assert_eq!(autoscaling.scale_down_delay_seconds, 300);
+        let canary = qm.spec.rollout.canary.as_ref().unwrap();
+        assert_eq!((canary.replicas, canary.analysis_seconds), (1, 60));
+        assert_eq!((canary.max_error_rate, canary.max_p99_ratio), (0.01, 2.0));
+        let gate = canary.quality_gate.as_ref().unwrap();
+        assert_eq!((gate.key.as_str(), gate.min_cosine), ("golden.json", 0.99));
+        assert!(!qm.spec.externally_scaled());
+        let external = model(json!({"autoscaling": {"enabled": true, "external": true}}));
+        assert!(external.spec.externally_scaled());
+        assert!(external.spec.operator_autoscaling().is_none());
     }
 
     #[test]
@@ -660,6 +950,39 @@ mod tests {
             (
                 json!({"rollout": {"readyTimeoutSeconds": 0}}),
                 "readyTimeoutSeconds must be positive",
+            ),
+            (
+                json!({"autoscaling": {"enabled": true}}),
+                "needs maxReplicas for the operator's autoscaler, or external: true",
+            ),
+            (
+                json!({"autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 2}}),
+                "minReplicas must not exceed maxReplicas",
+            ),
+            (
+                json!({"autoscaling": {"enabled": true, "maxReplicas": 2, "targetPerReplica": 0}}),
+                "targetPerReplica must be positive",
+            ),
+            (
+                json!({"replicas": 2, "rollout": {"canary": {"replicas": 3}}}),
+                "rollout.canary.replicas must not exceed the model's replicas",
+            ),
+            (
+                json!({"replicas": 2, "autoscaling": {"enabled": true, "maxReplicas": 4},
+                       "rollout": {"canary": {"replicas": 5}}}),
+                "rollout.canary.replicas must not exceed",
+            ),
+            (
+                json!({"rollout": {"canary": {"replicas": 0}}}),
+                "rollout.canary.replicas must be at least 1",
+            ),
+            (
+                json!({"rollout": {"canary": {"maxErrorRate": 1.5}}}),
+                "maxErrorRate must be within 0 and 1",
+            ),
+            (
+                json!({"rollout": {"canary": {"qualityGate": {"configMap": "g", "minCosine": 2}}}}),
+                "minCosine must be within -1 and 1",
             ),
         ];
         for (spec, message) in cases {

@@ -1,10 +1,15 @@
 //! `qmodel-operator`: reconciles `QuantizedModel` resources into qmodel-server Deployments.
 
+mod autoscaler;
+mod canary;
 mod config;
 mod controller;
 mod crd;
+mod golden;
 mod leader;
 mod metrics;
+mod pod_client;
+mod pod_metrics;
 mod resources;
 mod rollout;
 mod status;

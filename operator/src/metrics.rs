@@ -9,8 +9,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -19,6 +19,12 @@ pub struct Metrics {
     pub failures: IntCounterVec,
     pub invalid_specs: IntCounter,
     pub rollbacks: IntCounter,
+    /// Canary verdicts by result (`promoted`, `rolled_back`).
+    pub canary_verdicts: IntCounterVec,
+    /// The autoscaler's replica count, per model.
+    pub autoscaler_desired_replicas: IntGaugeVec,
+    /// The autoscaler's smoothed signal summed over Ready pods, per model.
+    pub autoscaler_signal: GaugeVec,
     pub reconcile_duration: Histogram,
     pub leader: IntGauge,
     /// Set once start-up finished (client built, leader election running).
@@ -49,6 +55,27 @@ impl Default for Metrics {
             "Failed rollouts put back on the model's last good version",
         )
         .expect("valid metric");
+        let canary_verdicts = IntCounterVec::new(
+            Opts::new("canary_verdicts_total", "Canary analyses ended, by result"),
+            &["result"],
+        )
+        .expect("valid metric");
+        let autoscaler_desired_replicas = IntGaugeVec::new(
+            Opts::new(
+                "autoscaler_desired_replicas",
+                "Replicas the autoscaler set, by model",
+            ),
+            &["namespace", "model"],
+        )
+        .expect("valid metric");
+        let autoscaler_signal = GaugeVec::new(
+            Opts::new(
+                "autoscaler_signal",
+                "The autoscaler's smoothed load signal summed over Ready pods, by model",
+            ),
+            &["namespace", "model"],
+        )
+        .expect("valid metric");
         let reconcile_duration = Histogram::with_opts(
             HistogramOpts::new("reconcile_duration_seconds", "Duration of reconciliations")
                 .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -61,6 +88,9 @@ impl Default for Metrics {
             Box::new(failures.clone()),
             Box::new(invalid_specs.clone()),
             Box::new(rollbacks.clone()),
+            Box::new(canary_verdicts.clone()),
+            Box::new(autoscaler_desired_replicas.clone()),
+            Box::new(autoscaler_signal.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(leader.clone()),
         ] {
@@ -74,6 +104,9 @@ impl Default for Metrics {
             failures,
             invalid_specs,
             rollbacks,
+            canary_verdicts,
+            autoscaler_desired_replicas,
+            autoscaler_signal,
             reconcile_duration,
             leader,
             ready: AtomicBool::new(false),

@@ -31,6 +31,9 @@ pub const MODEL_LABEL: &str = "serving.qmodel.dev/model";
 /// because a Deployment's selector is immutable.
 pub const MODEL_VERSION_KEY: &str = "serving.qmodel.dev/model-version";
 pub const SERVER_NAME: &str = "qmodel-server";
+/// Label of a canary's pods (value [`CANARY`]); stable pods have none. The Service selects both.
+pub const TRACK_LABEL: &str = "serving.qmodel.dev/track";
+pub const CANARY: &str = "canary";
 pub const CONTAINER_NAME: &str = "server";
 pub const CONTAINER_PORT: i32 = 8080;
 pub const PORT_NAME: &str = "http";
@@ -168,6 +171,42 @@ pub fn desired_state(
         image,
         device,
     })
+}
+
+/// The canary Deployment's name: the model's and a suffix. (The model's name is a DNS-1035
+/// label of at most 63 characters; a Deployment's name may be longer.)
+pub fn canary_name(name: &str) -> String {
+    format!("{name}-{CANARY}")
+}
+
+/// The canary Deployment of `model` (whose spec is the canary's): the stable one's pods with
+/// the [`TRACK_LABEL`], under its own name and selector, at the spec's replica count.
+pub fn canary_deployment(
+    model: &QuantizedModel,
+    config: &OperatorConfig,
+) -> Result<Deployment, SpecError> {
+    let mut deployment = desired_state(model, config)?.deployment;
+    let name = model.name_any();
+    deployment.metadata.name = Some(canary_name(&name));
+    let track = || (TRACK_LABEL.to_owned(), CANARY.to_owned());
+    if let Some(labels) = deployment.metadata.labels.as_mut() {
+        labels.extend([track()]);
+    }
+    if let Some(spec) = deployment.spec.as_mut() {
+        spec.replicas = Some(model.spec.replicas);
+        if let Some(labels) = spec.selector.match_labels.as_mut() {
+            labels.extend([track()]);
+        }
+        if let Some(labels) = spec
+            .template
+            .metadata
+            .as_mut()
+            .and_then(|m| m.labels.as_mut())
+        {
+            labels.extend([track()]);
+        }
+    }
+    Ok(deployment)
 }
 
 fn check_precision_and_device(spec: &QuantizedModelSpec, device: Device) -> Result<(), SpecError> {
@@ -433,7 +472,7 @@ fn deployment(
         spec: Some(DeploymentSpec {
             // Left out under autoscaling: omitted from the server-side apply, the field stays
             // with whoever last set it (the HPA) instead of being reset on every reconcile.
-            replicas: (!spec.autoscaled()).then_some(spec.replicas),
+            replicas: (!spec.externally_scaled()).then_some(spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(name)),
                 ..LabelSelector::default()
@@ -981,7 +1020,7 @@ mod tests {
         let off = desired_state(&model(off), &config).unwrap();
         assert_eq!(off.deployment.spec.as_ref().unwrap().replicas, Some(3));
 
-        let on = json!({"replicas": 3, "autoscaling": {"enabled": true}});
+        let on = json!({"replicas": 3, "autoscaling": {"enabled": true, "external": true}});
         let on = desired_state(&model(on), &config).unwrap();
         // Absent from the applied object, not `replicas: null`: the HPA's value stands.
         let applied = serde_json::to_value(&on.deployment).unwrap();

@@ -17,7 +17,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use serde_json::Value;
 
-use crate::crd::{Device, NoSpareGpu, QuantizedModel, QuantizedModelSpec, RollbackStatus};
+use crate::crd::{
+    CanaryPhase, CanarySpec, CanaryStatus, Device, NoSpareGpu, QuantizedModel, QuantizedModelSpec,
+    RollbackStatus,
+};
 use crate::resources::MODEL_VERSION_KEY;
 use crate::status::{self, Rollout};
 
@@ -61,6 +64,18 @@ fn last_good_with_current_scale(
     serde_json::from_value(spec).ok()
 }
 
+/// A short, stable fingerprint of a template spec (FNV-1a of its JSON): a canary's status
+/// names the spec it judges without carrying all of it.
+pub fn spec_hash(template: &Value) -> String {
+    let hash = template
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{hash:016x}")
+}
+
 /// What one reconcile applies.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -70,6 +85,63 @@ pub struct Plan {
     pub rollback: Option<RollbackStatus>,
     /// Pods are replaced one at a time (no spare GPU for a surge pod).
     pub one_at_a_time: bool,
+    /// A canary of the spec's version beside `spec` (then the last good one), while it is
+    /// judged.
+    pub canary: Option<CanaryPlan>,
+}
+
+/// The canary Deployment's spec and where its analysis stands.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanaryPlan {
+    /// The model's spec at the canary's replica count.
+    pub spec: QuantizedModelSpec,
+    pub settings: CanarySpec,
+    /// The analysis so far (`Starting` for a new canary).
+    pub status: CanaryStatus,
+}
+
+/// The canary the model's spec calls for: a canary is configured, a last good version runs,
+/// the spec differs from it, and no verdict on this very spec was reached yet. With the spec
+/// the stable Deployment renders meanwhile (the last good one).
+fn canary_of(model: &QuantizedModel) -> Option<(QuantizedModelSpec, CanaryPlan)> {
+    let settings = model.spec.rollout.canary.as_ref()?;
+    let status = model.status.as_ref()?;
+    let last_good = status.last_good_spec.as_ref()?;
+    let template = template_spec(&model.spec);
+    if template == *last_good {
+        return None;
+    }
+    let hash = spec_hash(&template);
+    let previous = status.canary.as_ref().filter(|c| c.spec_hash == hash);
+    let analysis = match previous {
+        Some(canary) if matches!(canary.phase, CanaryPhase::Promoting | CanaryPhase::Promoted) => {
+            return None;
+        }
+        Some(canary) if matches!(canary.phase, CanaryPhase::Starting | CanaryPhase::Analysing) => {
+            canary.clone()
+        }
+        // A new spec, or one retried after its rollback.
+        _ => CanaryStatus {
+            phase: CanaryPhase::Starting,
+            version: model.spec.model.version.clone(),
+            spec_hash: hash,
+            analysis_started: None,
+            checks: Vec::new(),
+            message: String::new(),
+        },
+    };
+    let stable = last_good_with_current_scale(&model.spec, last_good)?;
+    let mut spec = model.spec.clone();
+    spec.replicas = settings.replicas;
+    spec.autoscaling = None;
+    Some((
+        stable,
+        CanaryPlan {
+            spec,
+            settings: settings.clone(),
+            status: analysis,
+        },
+    ))
 }
 
 impl Plan {
@@ -84,14 +156,18 @@ impl Plan {
                 .flatten()
                 .map(|spec| (spec, rollback.clone()))
         });
-        let (spec, rollback) = match rolled_back {
-            Some((last_good, rollback)) => (last_good, Some(rollback)),
-            None => (model.spec.clone(), None),
+        let (spec, rollback, canary) = match rolled_back {
+            Some((last_good, rollback)) => (last_good, Some(rollback), None),
+            None => match canary_of(model) {
+                Some((stable, canary)) => (stable, None, Some(canary)),
+                None => (model.spec.clone(), None, None),
+            },
         };
         let mut plan = Plan {
             spec,
             rollback,
             one_at_a_time: false,
+            canary,
         };
         if status.and_then(|s| s.rollout_strategy.as_deref()) == Some(ONE_AT_A_TIME) {
             plan.replace_one_at_a_time();
@@ -127,6 +203,7 @@ impl Plan {
                     spec: *to,
                     rollback: Some(rollback),
                     one_at_a_time: false,
+                    canary: None,
                 };
                 if self.one_at_a_time {
                     plan.replace_one_at_a_time();
@@ -138,6 +215,19 @@ impl Plan {
                 plan.replace_one_at_a_time();
                 Some(plan)
             }
+        }
+    }
+
+    /// The plan once the canary passed: the model's spec on the stable Deployment (at the
+    /// scale this plan has), no canary.
+    pub fn promoted(&self, model: &QuantizedModel) -> Plan {
+        let mut spec = model.spec.clone();
+        spec.replicas = self.spec.replicas;
+        Plan {
+            spec,
+            rollback: None,
+            one_at_a_time: false,
+            canary: None,
         }
     }
 }
@@ -193,9 +283,21 @@ pub fn judge(
             Verdict::Proceed
         };
     }
-    let Some((reason, message)) = failure(plan, deployment, &of_version, now) else {
-        return Verdict::Proceed;
-    };
+    match failure(plan, deployment, &of_version, now) {
+        Some((reason, message)) => roll_back(model, version, reason, message, now),
+        None => Verdict::Proceed,
+    }
+}
+
+/// Rolls the model's spec (whose `version` failed for `reason`) back to its last good spec, at
+/// the current scale; `Proceed` when there is none to go to, or autoRollback is off.
+pub fn roll_back(
+    model: &QuantizedModel,
+    version: &str,
+    reason: String,
+    message: String,
+    now: &Time,
+) -> Verdict {
     let Some(status) = model.status.as_ref() else {
         return Verdict::Proceed;
     };
@@ -233,13 +335,29 @@ fn failure(
     pods_of_version: &[&Pod],
     now: &Time,
 ) -> Option<(String, String)> {
-    if let Some(failure) = status::pod_failure(pods_of_version.iter().copied(), plan.version()) {
+    if let Rollout::Stalled(message) = status::rollout(deployment) {
+        return status::pod_failure(pods_of_version.iter().copied(), plan.version())
+            .map(|failure| (failure.reason, failure.message))
+            .or(Some((
+                status::PROGRESS_DEADLINE_EXCEEDED.to_owned(),
+                message,
+            )));
+    }
+    pod_failure(&plan.spec, pods_of_version, now)
+}
+
+/// Why pods of `spec`'s version cannot serve, if one cannot: a state only a new spec fixes
+/// (crash loop, image pull, ...), or started and not Ready within `readyTimeoutSeconds`.
+pub fn pod_failure(
+    spec: &QuantizedModelSpec,
+    pods_of_version: &[&Pod],
+    now: &Time,
+) -> Option<(String, String)> {
+    let version = &spec.model.version;
+    if let Some(failure) = status::pod_failure(pods_of_version.iter().copied(), version) {
         return Some((failure.reason, failure.message));
     }
-    if let Rollout::Stalled(message) = status::rollout(deployment) {
-        return Some((status::PROGRESS_DEADLINE_EXCEEDED.to_owned(), message));
-    }
-    let bound = i64::from(plan.spec.rollout.ready_timeout_seconds);
+    let bound = i64::from(spec.rollout.ready_timeout_seconds);
     pods_of_version.iter().find_map(|pod| {
         let started = pod.status.as_ref()?.start_time.as_ref()?;
         let waited = now.0.as_second() - started.0.as_second();
@@ -247,16 +365,15 @@ fn failure(
             (
                 NOT_READY.to_owned(),
                 format!(
-                    "pod {} (version {}) not Ready {waited} s after it started (readyTimeoutSeconds {bound})",
+                    "pod {} (version {version}) not Ready {waited} s after it started (readyTimeoutSeconds {bound})",
                     pod.name_any(),
-                    plan.version()
                 ),
             )
         })
     })
 }
 
-fn ready(pod: &Pod) -> bool {
+pub fn ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -292,7 +409,10 @@ fn waiting_for_gpu(spec: &QuantizedModelSpec, pods: &[&Pod]) -> bool {
 
 /// What a rollout of a single-replica GPU model needs, and what the spec chose.
 pub fn rollout_note(spec: &QuantizedModelSpec) -> Option<String> {
-    if spec.effective_device() != Device::Gpu || spec.autoscaled() || spec.replicas != 1 {
+    if spec.effective_device() != Device::Gpu
+        || spec.autoscaling.as_ref().is_some_and(|a| a.enabled)
+        || spec.replicas != 1
+    {
         return None;
     }
     let choice = match spec.rollout.no_spare_gpu {
@@ -387,7 +507,8 @@ mod tests {
     #[test]
     fn the_scale_is_not_part_of_what_rolls_out() {
         let one = model(json!({"replicas": 1}));
-        let three = model(json!({"replicas": 3, "autoscaling": {"enabled": true}}));
+        let three =
+            model(json!({"replicas": 3, "autoscaling": {"enabled": true, "external": true}}));
         assert_eq!(template_spec(&one.spec), template_spec(&three.spec));
         let args = model(json!({"args": ["--max-batch-tokens", "8192"]}));
         assert_ne!(template_spec(&one.spec), template_spec(&args.spec));

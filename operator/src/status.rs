@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::runtime::events::{Event, EventType};
 
-use crate::crd::{QuantizedModel, QuantizedModelStatus};
+use crate::crd::{CanaryPhase, CanaryStatus, QuantizedModel, QuantizedModelStatus};
 use crate::resources::{CONTAINER_NAME, DesiredState, MODEL_VERSION_KEY, SpecError};
 use crate::rollout::{self, NOT_READY, ONE_AT_A_TIME, Plan, RETRY_ANNOTATION};
 
@@ -393,9 +393,64 @@ pub fn status(
                 rollout_strategy: (plan.one_at_a_time && !complete)
                     .then(|| ONE_AT_A_TIME.to_owned()),
                 rollout_note: rollout::rollout_note(&model.spec),
+                canary: None,
+                autoscaling: None,
             }
         }
     }
+}
+
+/// Progressing's reason while a canary is judged.
+pub const CANARY_ANALYSIS: &str = "CanaryAnalysis";
+
+/// `status` with the model's canary: `judged` (this reconcile's verdict on the canary in
+/// force) or, for the spec whose canary ended, the previous one, `Promoted` once its version
+/// runs everywhere. While a canary is judged, Progressing says so.
+pub fn with_canary(
+    mut status: QuantizedModelStatus,
+    model: &QuantizedModel,
+    judged: Option<CanaryStatus>,
+    now: &Time,
+) -> QuantizedModelStatus {
+    let spec_hash = rollout::spec_hash(&rollout::template_spec(&model.spec));
+    let previous = model
+        .status
+        .as_ref()
+        .and_then(|s| s.canary.clone())
+        .filter(|canary| canary.spec_hash == spec_hash);
+    status.canary = judged.or(previous).map(|mut canary| {
+        if canary.phase == CanaryPhase::Promoting
+            && status.rollback.is_none()
+            && status.current_version.as_deref() == Some(canary.version.as_str())
+        {
+            canary.phase = CanaryPhase::Promoted;
+        }
+        canary
+    });
+    let judging = status
+        .canary
+        .as_ref()
+        .filter(|c| matches!(c.phase, CanaryPhase::Starting | CanaryPhase::Analysing));
+    if let Some(canary) = judging {
+        let message = format!("canary of version {}: {}", canary.version, canary.message);
+        let was = model
+            .status
+            .as_ref()
+            .and_then(|s| find(s, PROGRESSING))
+            .filter(|c| c.status == "True")
+            .map(|c| c.last_transition_time.clone());
+        if let Some(progressing) = status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == PROGRESSING)
+        {
+            progressing.status = "True".to_owned();
+            progressing.reason = CANARY_ANALYSIS.to_owned();
+            progressing.message = message;
+            progressing.last_transition_time = was.unwrap_or_else(|| now.clone());
+        }
+    }
+    status
 }
 
 fn find<'a>(status: &'a QuantizedModelStatus, type_: &str) -> Option<&'a Condition> {
@@ -469,6 +524,46 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
     {
         let message = find(new, ROLLED_BACK).map_or_else(String::new, |c| c.message.clone());
         events.push(event(EventType::Warning, ROLLED_BACK, message));
+    }
+    if let Some(canary) = &new.canary
+        && old.canary.as_ref().map(|c| (&c.spec_hash, c.phase))
+            != Some((&canary.spec_hash, canary.phase))
+    {
+        // A promoted canary's end is RolloutFinished, a failed one's RolledBack.
+        let reason = match canary.phase {
+            CanaryPhase::Starting => Some("CanaryStarted"),
+            CanaryPhase::Analysing => Some("CanaryAnalysing"),
+            CanaryPhase::Promoting => Some("CanaryPassed"),
+            CanaryPhase::Promoted | CanaryPhase::RolledBack => None,
+        };
+        if let Some(reason) = reason {
+            events.push(event(
+                EventType::Normal,
+                reason,
+                format!("canary of version {}: {}", canary.version, canary.message),
+            ));
+        }
+    }
+    if let Some(scaled) = &new.autoscaling
+        && let Some(before) = old
+            .autoscaling
+            .as_ref()
+            .map(|a| a.desired_replicas)
+            .filter(|before| *before != scaled.desired_replicas)
+    {
+        let reason = if scaled.desired_replicas > before {
+            "ScaledUp"
+        } else {
+            "ScaledDown"
+        };
+        events.push(event(
+            EventType::Normal,
+            reason,
+            format!(
+                "{before} -> {} replicas: {}",
+                scaled.desired_replicas, scaled.message
+            ),
+        ));
     }
     if new.rollout_strategy.is_some() && old.rollout_strategy.is_none() {
         events.push(event(

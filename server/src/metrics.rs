@@ -24,6 +24,9 @@ pub struct Metrics {
     pub batch_tokens: Histogram,
     /// Inputs waiting in the queue, not yet in a batch.
     pub queue_depth: IntGauge,
+    /// API requests received and not yet answered (probes and /metrics not counted): the
+    /// signal the operator's autoscaler scales on.
+    pub in_flight: IntGauge,
     /// Inputs dropped before compute because their client went away or timed out.
     pub cancelled_inputs: IntCounter,
 }
@@ -84,6 +87,11 @@ impl Metrics {
         );
         let queue_depth =
             IntGauge::new("qmodel_queue_depth", "Inputs waiting for a batch").expect("valid");
+        let in_flight = IntGauge::new(
+            "qmodel_requests_in_flight",
+            "API requests being served (probes and /metrics excluded)",
+        )
+        .expect("valid");
         let cancelled_inputs = IntCounter::new(
             "qmodel_cancelled_inputs_total",
             "Inputs skipped before compute because their request was gone",
@@ -99,6 +107,7 @@ impl Metrics {
             Box::new(batch_size.clone()),
             Box::new(batch_tokens.clone()),
             Box::new(queue_depth.clone()),
+            Box::new(in_flight.clone()),
             Box::new(cancelled_inputs.clone()),
         ] {
             registry
@@ -115,6 +124,7 @@ impl Metrics {
             batch_size,
             batch_tokens,
             queue_depth,
+            in_flight,
             cancelled_inputs,
         }
     }
@@ -126,6 +136,13 @@ impl Metrics {
             .with_label_values(&[route])
             .observe(started.elapsed().as_secs_f64());
         self.requests.with_label_values(&[route, status]).inc();
+    }
+
+    /// Counts one API request in flight until the returned guard drops (also when the client
+    /// goes away and the request's future is dropped).
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
     }
 
     /// The Prometheus text exposition of every metric.
@@ -141,5 +158,14 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One request counted in `qmodel_requests_in_flight`.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -479,10 +479,17 @@ async fn a_client_that_disconnects_has_its_queued_inputs_dropped() {
             assert!(Instant::now() < deadline, "nothing ever queued");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        assert_eq!(server.metric("qmodel_requests_in_flight").await, 1.0);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while server.metric("qmodel_queue_depth").await > 0.0 {
         assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The request left with its client: it no longer counts as in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("qmodel_requests_in_flight").await > 0.0 {
+        assert!(Instant::now() < deadline, "the request stayed in flight");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let computed = server.metric("qmodel_batch_size_sum").await - 1.0; // minus warm-up

@@ -407,6 +407,8 @@ async fn count_requests(State(service): AppState, request: Request, next: Next) 
         .map_or("unmatched", |path| path.as_str())
         .to_owned();
     let started = Instant::now();
+    let _in_flight = (!matches!(route.as_str(), "/health" | "/ready" | "/metrics"))
+        .then(|| service.metrics().in_flight());
     let response = next.run(request).await;
     service
         .metrics()

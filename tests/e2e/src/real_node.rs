@@ -30,6 +30,9 @@ pub const OPERATOR_IMAGE_REPOSITORY: &str = "ghcr.io/qmodel/qmodel-operator";
 pub const CORRUPT_VERSION: &str = "3-corrupt";
 /// A server version whose image exists nowhere.
 pub const MISSING_VERSION: &str = "404";
+/// A server version baked from a checkpoint with shuffled weights: it starts, answers every
+/// request 200 and passes every probe, with embeddings far from the real model's.
+pub const DEGRADED_VERSION: &str = "2-degraded";
 
 /// `spec` fields (QuantizedModel or pod) that put a pod on the real node and nowhere else.
 pub fn placement() -> Value {
@@ -74,9 +77,10 @@ pub struct Images {
     pub operator_tag: String,
 }
 
-/// Bakes the operator image and the server images of versions 1, 2 and [`CORRUPT_VERSION`]
-/// from this checkout's release binaries (`models/bake-operator`, `models/bake`) and loads them
-/// into the real node (`tests/cluster/load-image`); once per test binary.
+/// Bakes the operator image and the server images of versions 1, 2, [`CORRUPT_VERSION`] and
+/// [`DEGRADED_VERSION`] from this checkout's release binaries (`models/bake-operator`,
+/// `models/bake`) and loads them into the real node (`tests/cluster/load-image`); once per
+/// test binary.
 pub fn images() -> &'static Images {
     static IMAGES: OnceLock<Result<Images, String>> = OnceLock::new();
     IMAGES
@@ -103,10 +107,18 @@ fn bake_and_load() -> Result<Images, String> {
         .arg(&operator_layout)
         .env("QMODEL_OPERATOR", &operator))?;
     layouts.push(operator_layout);
-    for (version, corrupt) in [("1", false), ("2", false), (CORRUPT_VERSION, true)] {
+    let degraded = shuffled_checkpoint(&dir.join("degraded-checkpoint"))?;
+    let degraded = degraded.to_str().expect("UTF-8 path");
+    for (version, checkpoint, corrupt) in [
+        ("1", MODEL, false),
+        ("2", MODEL, false),
+        (CORRUPT_VERSION, MODEL, true),
+        (DEGRADED_VERSION, degraded, false),
+    ] {
         let layout = dir.join(format!("server-{version}"));
         let mut bake = Command::new(root.join("models/bake"));
-        bake.args([MODEL, layout.to_str().expect("UTF-8 path")])
+        bake.args([checkpoint, layout.to_str().expect("UTF-8 path")])
+            .env("MODEL_NAME", MODEL)
             .env("MODEL_VERSION", version)
             .env("PRECISION", "int8")
             .env("QMODEL_SERVER", &server);
@@ -128,6 +140,52 @@ fn bake_and_load() -> Result<Images, String> {
     Ok(Images {
         operator_tag: workspace_version(),
     })
+}
+
+/// A copy of the [`MODEL`] checkpoint (`models/fetch`) in `dir` whose feed-forward input
+/// weights have their rows in reverse order in every layer: the shapes, the tokenizer and the
+/// files stay valid, the model's output does not. Written into the safetensors file in place.
+fn shuffled_checkpoint(dir: &std::path::Path) -> Result<PathBuf, String> {
+    let source = run(Command::new(repo_root().join("models/fetch")).arg(MODEL))?;
+    let source = PathBuf::from(source.trim());
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|error| format!("clearing {dir:?}: {error}"))?;
+    }
+    run(Command::new("cp").arg("-r").arg(&source).arg(dir))?;
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).map_err(|error| format!("reading {path:?}: {error}"))?;
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len])
+        .map_err(|error| format!("{path:?}: safetensors header: {error}"))?;
+    let data = 8 + header_len;
+    let mut shuffled = 0;
+    for (name, tensor) in header.as_object().into_iter().flatten() {
+        if !(name.starts_with("encoder.layer.") && name.ends_with(".intermediate.dense.weight")) {
+            continue;
+        }
+        let (Some(rows), Some(columns), Some(start), Some(end)) = (
+            tensor["shape"][0].as_u64(),
+            tensor["shape"][1].as_u64(),
+            tensor["data_offsets"][0].as_u64(),
+            tensor["data_offsets"][1].as_u64(),
+        ) else {
+            return Err(format!("{path:?}: {name} is not a matrix: {tensor}"));
+        };
+        assert_eq!(tensor["dtype"], "F32", "{name}");
+        let row = 4 * columns as usize;
+        let matrix = &mut bytes[data + start as usize..data + end as usize];
+        assert_eq!(matrix.len(), row * rows as usize, "{name}");
+        let reversed: Vec<u8> = matrix.chunks_exact(row).rev().flatten().copied().collect();
+        matrix.copy_from_slice(&reversed);
+        shuffled += 1;
+    }
+    if shuffled == 0 {
+        return Err(format!(
+            "{path:?}: no feed-forward weights found to shuffle"
+        ));
+    }
+    std::fs::write(&path, bytes).map_err(|error| format!("writing {path:?}: {error}"))?;
+    Ok(dir.to_owned())
 }
 
 /// The chart's appVersion, which `models/bake-operator` tags by default, is the workspace version.

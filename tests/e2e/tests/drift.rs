@@ -78,7 +78,7 @@ fn spec(autoscaling: bool) -> Value {
     json!({
         "replicas": 2,
         "env": [{"name": "LOG_LEVEL", "value": "info"}],
-        "autoscaling": {"enabled": autoscaling},
+        "autoscaling": {"enabled": autoscaling, "external": autoscaling},
     })
 }
 

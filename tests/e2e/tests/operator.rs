@@ -571,6 +571,8 @@ async fn chart_rbac_denies_what_the_operator_does_not_need() {
         ("update", "quantizedmodels", false),
         ("delete", "services", false),
         ("get", "secrets", false),
+        ("get", "configmaps", true),
+        ("list", "configmaps", false),
         ("watch", "pods", true),
         ("delete", "pods", false),
         ("create", "pods", false),

@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use qmodel_e2e::real_node::{
-    self, CORRUPT_VERSION, ClientPod, Load, LoadReport, MISSING_VERSION, OPERATOR_IMAGE_REPOSITORY,
-    cluster_ip, info, logs, placement, real_model, require_real_node,
+    self, CORRUPT_VERSION, ClientPod, DEGRADED_VERSION, Load, LoadReport, MISSING_VERSION,
+    OPERATOR_IMAGE_REPOSITORY, cluster_ip, info, logs, placement, real_model, require_real_node,
 };
 use qmodel_e2e::{TestEnv, VERSION_LABEL, condition, helm_install, model, version_of, wait_for};
 use serde_json::{Value, json};
@@ -563,4 +563,307 @@ async fn with_auto_rollback_off_a_crashing_version_stays_degraded_while_v1_serve
         "a crashing version without rollback under load",
         &load.stop().await,
     );
+}
+
+/// A ConfigMap `golden` holding the quality gate's golden set: 8 reference sentences and their
+/// ONNX Runtime embeddings (server/tests/fixtures), as `golden.json`.
+async fn golden_set(env: &TestEnv) {
+    let (sentences, embeddings) = reference(8);
+    let set = json!({
+        "embeddings": sentences
+            .iter()
+            .zip(&embeddings)
+            .map(|(input, embedding)| json!({"input": input, "embedding": embedding}))
+            .collect::<Vec<_>>(),
+    });
+    let config_map: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "golden"},
+        "data": {"golden.json": set.to_string()},
+    }))
+    .unwrap();
+    env.api::<ConfigMap>()
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+}
+
+/// Waits until the model's canary reaches `phase`; the model.
+async fn canary_phase(env: &TestEnv, name: &str, version: &str, phase: &str) -> Value {
+    let models = env.models();
+    wait_for(
+        &format!("the canary of {name} at {version} {phase}"),
+        ROLLOUT,
+        || async {
+            let model = models.get(name).await.map_err(|e| e.to_string())?;
+            let canary = &model.data["status"]["canary"];
+            if canary["version"] == version && canary["phase"] == phase {
+                Ok(model.data["status"].clone())
+            } else {
+                Err(format!("status: {}", model.data["status"]))
+            }
+        },
+    )
+    .await
+}
+
+/// The canary pods of a model (label `serving.qmodel.dev/track=canary`), terminating ones too.
+async fn canary_pods(env: &TestEnv, name: &str) -> usize {
+    env.pods(name)
+        .await
+        .iter()
+        .filter(|pod| {
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("serving.qmodel.dev/track"))
+                .is_some_and(|track| track == "canary")
+        })
+        .count()
+}
+
+fn check<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["canary"]["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} check: {status}"))
+}
+
+async fn wait_canary_gone(env: &TestEnv, name: &str) {
+    wait_for("the canary pods gone", ROLLOUT, || async {
+        match canary_pods(env, name).await {
+            0 => Ok(()),
+            left => Err(format!("{left} left")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_degraded_canary_fails_its_quality_gate_and_a_good_one_is_promoted_under_load() {
+    let (env, _turn) = real_env("canary").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    golden_set(&env).await;
+    let spec = json!({
+        "replicas": 1,
+        "rollout": {"canary": {
+            "replicas": 1,
+            "analysisSeconds": 10,
+            "qualityGate": {"configMap": "golden", "minCosine": 0.99},
+        }},
+    });
+    env.apply_model(&real_model("judged", "1", spec.clone()))
+        .await
+        .unwrap();
+    env.wait_ready("judged", "1", START).await;
+    let addr = cluster_ip(&env, "judged").await;
+    let load = Load::start(&addr, 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The shuffled-weights version starts, is Ready and answers 200: only the gate catches it.
+    let started = Instant::now();
+    env.apply_model(&real_model("judged", DEGRADED_VERSION, spec.clone()))
+        .await
+        .unwrap();
+    let message = env
+        .wait_condition("judged", "RolledBack", "QualityGateFailed", ROLLOUT)
+        .await;
+    let decided = started.elapsed().as_secs_f64();
+    assert!(message.contains("minCosine"), "{message}");
+    let status = canary_phase(&env, "judged", DEGRADED_VERSION, "RolledBack").await;
+    let cosine = check(&status, "minCosine");
+    assert_eq!(cosine["passed"], false, "{status}");
+    let measured: f64 = cosine["value"].as_str().unwrap().parse().unwrap();
+    assert!(measured < 0.99, "{status}");
+    assert_eq!(status["currentVersion"], "1", "{status}");
+    wait_canary_gone(&env, "judged").await;
+    let event = wait_for("a RolledBack Event", Duration::from_secs(30), || async {
+        env.events("judged", "RolledBack")
+            .await
+            .into_iter()
+            .next()
+            .ok_or("none yet")
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("QualityGateFailed") && note.contains("minCosine"),
+        "{note}"
+    );
+    eprintln!(
+        "BENCHMARK degraded canary ({DEGRADED_VERSION}): quality gate failed {decided:.1} s after the change, minCosine {measured} < 0.99, canary pod gone after {:.1} s: {message}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(info(&addr).await["model_version"], "1");
+
+    // A good version passes the same gate and the metric checks, then rolls out everywhere.
+    let started = Instant::now();
+    env.apply_model(&real_model("judged", "2", spec))
+        .await
+        .unwrap();
+    let analysing = canary_phase(&env, "judged", "2", "Analysing").await;
+    let analysis_started = started.elapsed().as_secs_f64();
+    assert_eq!(
+        check(&analysing, "minCosine")["passed"],
+        true,
+        "{analysing}"
+    );
+    env.wait_ready("judged", "2", ROLLOUT).await;
+    let promoted = canary_phase(&env, "judged", "2", "Promoted").await;
+    let rolled_out = started.elapsed().as_secs_f64();
+    wait_canary_gone(&env, "judged").await;
+    wait_for("version 1 gone", ROLLOUT, || async {
+        match pods_of(&env, "judged", "1").await.len() {
+            0 => Ok(()),
+            left => Err(format!("{left} left")),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in ["errorRate", "p99Ratio", "minCosine"] {
+        assert_eq!(check(&promoted, name)["passed"], true, "{promoted}");
+    }
+    let canary = env.api::<Deployment>().get("judged-canary").await.unwrap();
+    assert_eq!(canary.spec.unwrap().replicas, Some(0));
+    eprintln!(
+        "BENCHMARK good canary (2): Ready and analysing after {analysis_started:.1} s, promoted and rolled out after {rolled_out:.1} s: {}",
+        promoted["canary"]["message"]
+    );
+    assert_eq!(info(&addr).await["model_version"], "2");
+    assert_no_failures(
+        "a degraded canary rolled back, then a good one promoted",
+        &load.stop().await,
+    );
+    assert!(
+        env.events("judged", "CanaryPassed").await.len() == 1,
+        "one CanaryPassed Event"
+    );
+}
+
+/// `qmodel_requests_total` of API routes a pod answered, read from its own `/metrics`.
+async fn requests_served(pod: &Pod) -> f64 {
+    let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap();
+    let (_, text) = real_node::http(&format!("{ip}:8080"), "GET", "/metrics", "")
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|line| line.starts_with("qmodel_requests_total{route=\"/embed\""))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_load_step_scales_up_on_requests_in_flight_and_back_down_after_the_delay() {
+    let (env, _turn) = real_env("autoscale").await;
+    let mut operator = env.operator("op");
+    operator.wait_ready().await;
+    let delay = 15;
+    let spec = json!({"autoscaling": {
+        "enabled": true,
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "metric": "InFlight",
+        "targetPerReplica": 0.5,
+        "scaleDownDelaySeconds": delay,
+    }});
+    env.apply_model(&real_model("elastic", "1", spec))
+        .await
+        .unwrap();
+    env.wait_ready("elastic", "1", START).await;
+    let first = ready_pods(&env, "elastic", "1", 1).await;
+    let first = first[0].metadata.name.clone().unwrap();
+    // Idle: the autoscaler holds the minimum.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let model = env.models().get("elastic").await.unwrap();
+    assert_eq!(
+        model.data["status"]["autoscaling"]["desiredReplicas"], 1,
+        "{}",
+        model.data["status"]
+    );
+
+    let addr = cluster_ip(&env, "elastic").await;
+    let load = Load::start(&addr, 8);
+    let started = Instant::now();
+    let pods = ready_pods_within(&env, "elastic", 2, ROLLOUT).await;
+    let second_ready = started.elapsed().as_secs_f64();
+    let second = pods
+        .into_iter()
+        .find(|pod| pod.metadata.name.as_deref() != Some(first.as_str()))
+        .unwrap();
+    wait_for("the new replica taking traffic", ROLLOUT, || async {
+        let served = requests_served(&second).await;
+        if served > 0.0 {
+            Ok(())
+        } else {
+            Err("no request yet".to_owned())
+        }
+    })
+    .await;
+    let taking_traffic = started.elapsed().as_secs_f64();
+    let model = env.models().get("elastic").await.unwrap();
+    let scaling = model.data["status"]["autoscaling"].clone();
+    assert_eq!(scaling["desiredReplicas"], 2, "{scaling}");
+    let report = load.stop().await;
+    assert_no_failures("a load step scaling 1 -> 2", &report);
+    let scaled_up = env.events("elastic", "ScaledUp").await;
+    assert!(!scaled_up.is_empty(), "a ScaledUp Event");
+
+    // Load gone: one replica again, never before the delay.
+    let stopped = Instant::now();
+    wait_for("scaled back to one replica", ROLLOUT, || async {
+        let model = env
+            .models()
+            .get("elastic")
+            .await
+            .map_err(|e| e.to_string())?;
+        let desired = &model.data["status"]["autoscaling"]["desiredReplicas"];
+        let running = env
+            .pods("elastic")
+            .await
+            .iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .count();
+        if desired == 1 && running == 1 {
+            Ok(())
+        } else {
+            Err(format!("desired {desired}, {running} pods"))
+        }
+    })
+    .await;
+    let scaled_down = stopped.elapsed().as_secs_f64();
+    assert!(
+        scaled_down >= f64::from(delay),
+        "scaled down {scaled_down:.1} s after the load stopped, within the {delay} s delay"
+    );
+    let series = format!(
+        "qmodel_operator_autoscaler_desired_replicas{{model=\"elastic\",namespace=\"{}\"}}",
+        env.namespace
+    );
+    assert_eq!(operator.metric(&series).await, 1.0, "{series}");
+    eprintln!(
+        "BENCHMARK autoscaling 1 -> 2 on requests in flight (target 0.5, 8 clients): second replica Ready {second_ready:.1} s after the load step, taking traffic after {taking_traffic:.1} s ({} requests, 0 failed); back to 1 replica {scaled_down:.1} s after the load stopped (scaleDownDelaySeconds {delay}); status at 2: {}",
+        report.ok, scaling["message"]
+    );
+}
+
+/// The model's pods once `count` are Ready (any version).
+async fn ready_pods_within(env: &TestEnv, name: &str, count: usize, timeout: Duration) -> Vec<Pod> {
+    wait_for(
+        &format!("{count} ready pods of {name}"),
+        timeout,
+        || async {
+            let pods: Vec<Pod> = env
+                .pods(name)
+                .await
+                .into_iter()
+                .filter(|pod| pod.metadata.deletion_timestamp.is_none() && pod_ready(pod))
+                .collect();
+            if pods.len() == count {
+                Ok(pods)
+            } else {
+                Err(format!("{} ready", pods.len()))
+            }
+        },
+    )
+    .await
 }
