@@ -19,6 +19,17 @@ pub const ERROR_RATE_EXCEEDED: &str = "ErrorRateExceeded";
 pub const LATENCY_EXCEEDED: &str = "LatencyExceeded";
 pub const INSUFFICIENT_TRAFFIC: &str = "InsufficientTraffic";
 pub const METRICS_UNAVAILABLE: &str = "MetricsUnavailable";
+/// A canary pod that cannot run for another reason than the rollout's named ones.
+pub const CANARY_POD_FAILED: &str = "CanaryPodFailed";
+/// Every reason a canary fails with of its own (the pods' causes are the rollout's).
+pub const REASONS: [&str; 6] = [
+    QUALITY_GATE_FAILED,
+    ERROR_RATE_EXCEEDED,
+    LATENCY_EXCEEDED,
+    INSUFFICIENT_TRAFFIC,
+    METRICS_UNAVAILABLE,
+    CANARY_POD_FAILED,
+];
 
 pub const ERROR_RATE: &str = "errorRate";
 pub const P99_SECONDS: &str = "p99Seconds";

@@ -408,7 +408,7 @@ async fn judge_canary(
             status::IMAGE_PULL_BACK_OFF => status::IMAGE_PULL_BACK_OFF,
             status::CRASH_LOOP_BACK_OFF => status::CRASH_LOOP_BACK_OFF,
             rollout::NOT_READY => rollout::NOT_READY,
-            _ => "CanaryPodFailed",
+            _ => canary::CANARY_POD_FAILED,
         };
         return canary::Verdict::Fail {
             status,
@@ -1225,6 +1225,118 @@ mod tests {
             ctx.metrics
                 .render()
                 .contains("qmodel_operator_rollbacks_total 1")
+        );
+    }
+
+    /// A model at 2.0.0 with a canary, while 1.0.0 is its last good version.
+    fn canary_of_2_beside_good_1() -> QuantizedModel {
+        let mut qm = crate::testing::rolling_from_good_1_to_2();
+        qm.spec.rollout.canary = serde_json::from_value(json!({"replicas": 1})).unwrap();
+        qm
+    }
+
+    async fn apply_canary(api: &mut ApiServer) -> Value {
+        let uri = format!("/apis/apps/v1/namespaces/ml/deployments/bge-canary{APPLY_QUERY}");
+        api.expect(Method::PATCH, &uri, StatusCode::OK, Value::clone)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_new_version_with_a_canary_starts_it_beside_the_last_good_one() {
+        let qm = canary_of_2_beside_good_1();
+        let (result, _) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            let stable = api.apply_deployment(rolled_out(3, 1)).await;
+            assert_eq!(
+                stable["spec"]["template"]["metadata"]["labels"]["serving.qmodel.dev/model-version"],
+                "1.0.0",
+                "the stable Deployment keeps the last good version"
+            );
+            api.apply_service().await;
+            let canary = apply_canary(&mut api).await;
+            assert_eq!(canary["spec"]["replicas"], 1);
+            let template = &canary["spec"]["template"]["metadata"]["labels"];
+            assert_eq!(template["serving.qmodel.dev/model-version"], "2.0.0");
+            assert_eq!(template["serving.qmodel.dev/track"], "canary");
+            assert_eq!(
+                canary["spec"]["selector"]["matchLabels"]["serving.qmodel.dev/track"],
+                "canary"
+            );
+            assert_eq!(canary["metadata"]["ownerReferences"][0]["uid"], "0b9e-uid");
+            api.list_pods(json!([])).await;
+            let status = api.apply_status().await;
+            let canary = status.canary.clone().unwrap();
+            assert_eq!(
+                (canary.phase, canary.version.as_str()),
+                (crate::crd::CanaryPhase::Starting, "2.0.0")
+            );
+            assert_eq!(condition(&status, "Progressing"), ("True", "CanaryAnalysis"));
+            assert_eq!(condition(&status, "Ready"), ("True", "Available"));
+            assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
+            let event = api.event().await;
+            assert_eq!(event["reason"], "CanaryStarted");
+            api
+        })
+        .await;
+        assert_eq!(result.unwrap(), Action::requeue(ROLLOUT_RECHECK));
+    }
+
+    #[tokio::test]
+    async fn a_crash_looping_canary_is_scaled_to_zero_and_rolled_back() {
+        let qm = canary_of_2_beside_good_1();
+        let (result, ctx) = reconcile_against(qm, OperatorConfig::default(), |mut api| async move {
+            api.apply_deployment(rolled_out(3, 1)).await;
+            api.apply_service().await;
+            apply_canary(&mut api).await;
+            api.list_pods(json!([{
+                "metadata": {
+                    "name": "bge-canary-1",
+                    "namespace": "ml",
+                    "labels": {
+                        "serving.qmodel.dev/model": "bge",
+                        "serving.qmodel.dev/model-version": "2.0.0",
+                        "serving.qmodel.dev/track": "canary",
+                    },
+                },
+                "status": {"containerStatuses": [{
+                    "name": "server", "image": "i", "imageID": "", "ready": false, "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": "model.gguf: truncated"}},
+                }]},
+            }]))
+            .await;
+            // The rollback's apply of the last good spec, then the canary's end.
+            api.apply_deployment(rolled_out(3, 1)).await;
+            api.apply_service().await;
+            let zero = api
+                .expect(
+                    Method::PATCH,
+                    "/apis/apps/v1/namespaces/ml/deployments/bge-canary?",
+                    StatusCode::OK,
+                    Value::clone,
+                )
+                .await;
+            assert_eq!(zero, json!({"spec": {"replicas": 0}}));
+            let status = api.apply_status().await;
+            let rollback = status.rollback.clone().unwrap();
+            assert_eq!(rollback.reason, "CrashLoopBackOff");
+            assert!(rollback.message.contains("model.gguf: truncated"), "{}", rollback.message);
+            assert_eq!(
+                status.canary.as_ref().unwrap().phase,
+                crate::crd::CanaryPhase::RolledBack
+            );
+            assert_eq!(condition(&status, "RolledBack"), ("True", "CrashLoopBackOff"));
+            assert_eq!(api.event().await["reason"], "RolledBack");
+            api.event().await;
+            api
+        })
+        .await;
+        result.unwrap();
+        assert_eq!(
+            ctx.metrics
+                .canary_verdicts
+                .with_label_values(&["rolled_back"])
+                .get(),
+            1
         );
     }
 

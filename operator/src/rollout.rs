@@ -232,10 +232,18 @@ impl Plan {
     }
 }
 
-/// A rollback stays in force while autoRollback is on and neither the spec (beyond its scale)
-/// nor the retry annotation changed since it failed.
+/// A rollback stays in force while autoRollback is on (or it ended a canary, whose version
+/// never replaced the stable one) and neither the spec (beyond its scale) nor the retry
+/// annotation changed since it failed.
 fn still_rolled_back(model: &QuantizedModel, rollback: &RollbackStatus) -> bool {
-    model.spec.rollout.auto_rollback
+    let failed_canary = model
+        .status
+        .as_ref()
+        .and_then(|s| s.canary.as_ref())
+        .is_some_and(|c| {
+            c.phase == CanaryPhase::RolledBack && c.spec_hash == spec_hash(&rollback.failed_spec)
+        });
+    (model.spec.rollout.auto_rollback || failed_canary)
         && template_spec(&model.spec) == rollback.failed_spec
         && model.annotations().get(RETRY_ANNOTATION) == rollback.retry_annotation.as_ref()
 }
@@ -284,13 +292,16 @@ pub fn judge(
         };
     }
     match failure(plan, deployment, &of_version, now) {
-        Some((reason, message)) => roll_back(model, version, reason, message, now),
-        None => Verdict::Proceed,
+        Some((reason, message)) if model.spec.rollout.auto_rollback => {
+            roll_back(model, version, reason, message, now)
+        }
+        _ => Verdict::Proceed,
     }
 }
 
 /// Rolls the model's spec (whose `version` failed for `reason`) back to its last good spec, at
-/// the current scale; `Proceed` when there is none to go to, or autoRollback is off.
+/// the current scale; `Proceed` when there is none to go to. A failed rollout calls it only with
+/// autoRollback on; a failed canary always (its version never replaced the stable one).
 pub fn roll_back(
     model: &QuantizedModel,
     version: &str,
@@ -307,7 +318,7 @@ pub fn roll_back(
         return Verdict::Proceed;
     };
     let failed_spec = template_spec(&model.spec);
-    if !model.spec.rollout.auto_rollback || failed_spec == *last_good_spec {
+    if failed_spec == *last_good_spec {
         return Verdict::Proceed;
     }
     let Some(to) = last_good_with_current_scale(&model.spec, last_good_spec) else {
@@ -502,6 +513,99 @@ mod tests {
             Verdict::RollBack { rollback, .. } => rollback,
             other => panic!("expected a rollback, got {other:?}"),
         }
+    }
+
+    fn with_canary(mut qm: QuantizedModel) -> QuantizedModel {
+        qm.spec.rollout.canary = serde_json::from_value(json!({"replicas": 1})).unwrap();
+        qm
+    }
+
+    fn canary_status(qm: &QuantizedModel, phase: CanaryPhase) -> CanaryStatus {
+        CanaryStatus {
+            phase,
+            version: qm.spec.model.version.clone(),
+            spec_hash: spec_hash(&template_spec(&qm.spec)),
+            analysis_started: None,
+            checks: Vec::new(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_canary_runs_the_new_spec_beside_the_last_good_one() {
+        let mut qm = with_canary(rolling_from_good_1_to_2());
+        qm.spec.replicas = 3;
+        let plan = Plan::of(&qm);
+        assert_eq!(
+            plan.version(),
+            "1.0.0",
+            "the stable pods stay on the last good version"
+        );
+        assert_eq!(plan.spec.replicas, 3);
+        let canary = plan.canary.expect("a canary");
+        assert_eq!(
+            (canary.spec.model.version.as_str(), canary.spec.replicas),
+            ("2.0.0", 1)
+        );
+        assert_eq!(canary.status.phase, CanaryPhase::Starting);
+        assert_eq!(canary.status.spec_hash, spec_hash(&template_spec(&qm.spec)));
+    }
+
+    #[test]
+    fn no_canary_without_a_last_good_version_or_for_the_last_good_spec_itself() {
+        let first = with_canary(crate::testing::rolling_from_1_to_2());
+        assert!(
+            Plan::of(&first).canary.is_none(),
+            "a first rollout has nothing to compare"
+        );
+        let mut same = with_canary(model(json!({})));
+        same.status = Some(crate::crd::QuantizedModelStatus {
+            last_good_version: Some("1.0.0".into()),
+            last_good_spec: Some(template_spec(&same.spec)),
+            ..Default::default()
+        });
+        assert!(Plan::of(&same).canary.is_none());
+    }
+
+    #[test]
+    fn a_canary_under_analysis_carries_on_and_a_passed_one_renders_the_spec() {
+        let mut qm = with_canary(rolling_from_good_1_to_2());
+        let mut analysing = canary_status(&qm, CanaryPhase::Analysing);
+        analysing.analysis_started = Some(at(5));
+        qm.status.as_mut().unwrap().canary = Some(analysing.clone());
+        assert_eq!(Plan::of(&qm).canary.unwrap().status, analysing);
+
+        qm.status.as_mut().unwrap().canary = Some(canary_status(&qm, CanaryPhase::Promoting));
+        let plan = Plan::of(&qm);
+        assert!(plan.canary.is_none());
+        assert_eq!(
+            plan.version(),
+            "2.0.0",
+            "promoted: the stable Deployment rolls it out"
+        );
+
+        // Another spec than the one judged starts a canary of its own.
+        qm.spec.args = vec!["--max-batch-tokens".into(), "4096".into()];
+        let plan = Plan::of(&qm);
+        assert_eq!(plan.canary.unwrap().status.phase, CanaryPhase::Starting);
+    }
+
+    #[test]
+    fn a_promoted_plan_keeps_the_scale() {
+        let mut qm = with_canary(rolling_from_good_1_to_2());
+        qm.spec.replicas = 4;
+        let promoted = Plan::of(&qm).promoted(&qm);
+        assert_eq!((promoted.version(), promoted.spec.replicas), ("2.0.0", 4));
+        assert!(promoted.canary.is_none() && promoted.rollback.is_none());
+    }
+
+    #[test]
+    fn spec_hashes_are_stable_and_tell_specs_apart() {
+        let one = template_spec(&model(json!({})).spec);
+        assert_eq!(spec_hash(&one), spec_hash(&one.clone()));
+        assert_eq!(spec_hash(&one).len(), 16);
+        let two = template_spec(&model(json!({"model": {"version": "2"}})).spec);
+        assert_ne!(spec_hash(&one), spec_hash(&two));
     }
 
     #[test]

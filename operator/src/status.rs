@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use kube::runtime::events::{Event, EventType};
 
+use crate::canary;
 use crate::crd::{CanaryPhase, CanaryStatus, QuantizedModel, QuantizedModelStatus};
 use crate::resources::{CONTAINER_NAME, DesiredState, MODEL_VERSION_KEY, SpecError};
 use crate::rollout::{self, NOT_READY, ONE_AT_A_TIME, Plan, RETRY_ANNOTATION};
@@ -584,6 +585,7 @@ pub fn events(old: Option<&QuantizedModelStatus>, new: &QuantizedModelStatus) ->
                 INVALID_SPEC => INVALID_SPEC,
                 PROGRESS_DEADLINE_EXCEEDED => "RolloutStalled",
                 cause @ (IMAGE_PULL_BACK_OFF | CRASH_LOOP_BACK_OFF | NOT_READY) => cause,
+                cause if canary::REASONS.contains(&cause) => cause,
                 cause if CONTAINER_CANNOT_START.contains(&cause) => cause,
                 _ => "ReplicaFailure",
             };
@@ -1171,6 +1173,97 @@ mod tests {
             retrying.image.as_deref(),
             Some("ghcr.io/qmodel/qmodel-server:2.0.1-int8")
         );
+    }
+
+    #[test]
+    fn a_promoting_canary_is_promoted_once_its_version_runs_everywhere_and_events_say_each_phase() {
+        let qm = model(json!({"model": {"version": "2.0.0"}}));
+        let hash = rollout::spec_hash(&rollout::template_spec(&qm.spec));
+        let promoting = CanaryStatus {
+            phase: CanaryPhase::Promoting,
+            version: "2.0.0".into(),
+            spec_hash: hash,
+            analysis_started: Some(at(1)),
+            checks: Vec::new(),
+            message: "passed".into(),
+        };
+        let mut previous = qm.clone();
+        previous.status = Some(QuantizedModelStatus {
+            canary: Some(promoting.clone()),
+            ..QuantizedModelStatus::default()
+        });
+        let rolling = QuantizedModelStatus {
+            current_version: Some("1.0.0".into()),
+            ..QuantizedModelStatus::default()
+        };
+        let kept = with_canary(rolling, &previous, None, &at(2));
+        assert_eq!(kept.canary.as_ref().unwrap().phase, CanaryPhase::Promoting);
+        let done = QuantizedModelStatus {
+            current_version: Some("2.0.0".into()),
+            ..QuantizedModelStatus::default()
+        };
+        let done = with_canary(done, &previous, None, &at(3));
+        assert_eq!(done.canary.as_ref().unwrap().phase, CanaryPhase::Promoted);
+
+        let starting = CanaryStatus {
+            phase: CanaryPhase::Starting,
+            ..promoting.clone()
+        };
+        let with = |canary: &CanaryStatus| QuantizedModelStatus {
+            canary: Some(canary.clone()),
+            ..QuantizedModelStatus::default()
+        };
+        let reasons = |old: &QuantizedModelStatus, new: &QuantizedModelStatus| {
+            events(Some(old), new)
+                .into_iter()
+                .map(|e| e.reason)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            reasons(&QuantizedModelStatus::default(), &with(&starting)),
+            ["CanaryStarted"]
+        );
+        assert_eq!(
+            reasons(&with(&starting), &with(&promoting)),
+            ["CanaryPassed"]
+        );
+        assert!(reasons(&with(&promoting), &with(&promoting)).is_empty());
+
+        // Another spec drops the finished canary from status.
+        let other = model(json!({"model": {"version": "3.0.0"}}));
+        let other = QuantizedModel {
+            status: previous.status.clone(),
+            ..other
+        };
+        assert!(
+            with_canary(QuantizedModelStatus::default(), &other, None, &at(4))
+                .canary
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn scaling_events_say_from_what_to_what_and_why() {
+        let scaled = |desired| QuantizedModelStatus {
+            autoscaling: Some(crate::crd::AutoscalingStatus {
+                metric: crate::crd::ScaleMetric::InFlight,
+                desired_replicas: desired,
+                current_replicas: 1,
+                signal: "3".into(),
+                target_per_replica: "1".into(),
+                last_scale_time: None,
+                message: "3 InFlight over 1 replicas".into(),
+            }),
+            ..QuantizedModelStatus::default()
+        };
+        let up = events(Some(&scaled(1)), &scaled(3));
+        assert_eq!(up[0].reason, "ScaledUp");
+        assert_eq!(
+            up[0].note.as_deref(),
+            Some("1 -> 3 replicas: 3 InFlight over 1 replicas")
+        );
+        assert_eq!(events(Some(&scaled(3)), &scaled(2))[0].reason, "ScaledDown");
+        assert!(events(Some(&scaled(2)), &scaled(2)).is_empty());
     }
 
     #[test]

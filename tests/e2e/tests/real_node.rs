@@ -649,6 +649,9 @@ async fn a_degraded_canary_fails_its_quality_gate_and_a_good_one_is_promoted_und
         "rollout": {"canary": {
             "replicas": 1,
             "analysisSeconds": 10,
+            // A new pod's first requests on a shared two-core node: the latency check is the
+            // unit tests' to judge finely, here only a gross regression fails.
+            "maxP99Ratio": 10.0,
             "qualityGate": {"configMap": "golden", "minCosine": 0.99},
         }},
     });
