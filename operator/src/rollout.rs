@@ -36,6 +36,7 @@ pub const NOT_READY: &str = "NotReady";
 const SCALE_FIELDS: [&str; 2] = ["replicas", "autoscaling"];
 
 /// The spec as a rollout sees it: everything that shapes the pods, without the scale.
+/// Compared with snapshots the apiserver stored, so numbers are in its form (below).
 pub fn template_spec(spec: &QuantizedModelSpec) -> Value {
     let mut value = serde_json::to_value(spec).expect("a spec serializes to JSON");
     if let Some(fields) = value.as_object_mut() {
@@ -43,7 +44,26 @@ pub fn template_spec(spec: &QuantizedModelSpec) -> Value {
             fields.remove(field);
         }
     }
+    integral_floats_as_integers(&mut value);
     value
+}
+
+/// A whole float (`10.0`) comes back from the apiserver as an integer (`10`): written that way,
+/// a snapshot equals the spec it was taken of after the round trip.
+fn integral_floats_as_integers(value: &mut Value) {
+    match value {
+        Value::Number(number) if number.is_f64() => {
+            if let Some(float) = number.as_f64()
+                && float.fract() == 0.0
+                && float.abs() < 2f64.powi(53)
+            {
+                *value = Value::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_floats_as_integers),
+        _ => {}
+    }
 }
 
 /// The last good spec with the current scale and rollout settings; `None` if the snapshot no
@@ -597,6 +617,22 @@ mod tests {
         let promoted = Plan::of(&qm).promoted(&qm);
         assert_eq!((promoted.version(), promoted.spec.replicas), ("2.0.0", 4));
         assert!(promoted.canary.is_none() && promoted.rollback.is_none());
+    }
+
+    #[test]
+    fn a_snapshot_equals_its_spec_after_the_apiservers_round_trip() {
+        let qm = model(json!({"rollout": {"canary": {"maxP99Ratio": 10.0, "maxErrorRate": 0.05}}}));
+        let template = template_spec(&qm.spec);
+        // What the apiserver gives back: whole floats as integers.
+        let stored: Value = serde_json::from_str(
+            &template
+                .to_string()
+                .replace("10.0", "10")
+                .replace("2.0", "2"),
+        )
+        .unwrap();
+        assert_eq!(template, stored);
+        assert_eq!(template["rollout"]["canary"]["maxErrorRate"], json!(0.05));
     }
 
     #[test]
