@@ -60,9 +60,12 @@ async fn a_two_replica_fp16_rollout_without_a_spare_gpu_completes_one_pod_at_a_t
         "BENCHMARK fp16 rollout v1 -> v2, 2 replicas, no spare GPU: Ready at v2 in {:.1} s, at least {fewest_available} replica available throughout",
         started.elapsed().as_secs_f64()
     );
+    // The strategy lasts as long as the rollout (under a second here), so polling can miss it;
+    // its Event stays.
+    let no_spare_gpu = env.events("pair", "NoSpareGpu").await;
     assert!(
-        one_at_a_time_seen,
-        "status.rolloutStrategy never said OneAtATime"
+        one_at_a_time_seen || !no_spare_gpu.is_empty(),
+        "neither status.rolloutStrategy OneAtATime nor a NoSpareGpu Event"
     );
     assert!(
         fewest_available >= 1,

@@ -152,14 +152,18 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
             "LAST-GOOD",
             "PRECISION",
             "DEVICE",
+            "REPLICAS",
+            "DESIRED",
+            "CANARY",
             "ENDPOINT",
             "AGE"
         ]
     );
+    // DESIRED (the operator's autoscaler) and CANARY are blank for this model.
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
     let endpoint = format!("http://embed.{}.svc.cluster.local:8080", env.namespace);
     assert_eq!(
-        row[..7],
+        row[..8],
         [
             "embed",
             "True",
@@ -167,6 +171,7 @@ async fn int8_model_runs_on_cpu_nodes_and_reports_its_endpoint() {
             "v1",
             "int8",
             "cpu",
+            "2",
             endpoint.as_str()
         ]
     );
