@@ -1270,7 +1270,8 @@ mod tests {
                 (crate::crd::CanaryPhase::Starting, "2.0.0")
             );
             assert_eq!(condition(&status, "Progressing"), ("True", "CanaryAnalysis"));
-            assert_eq!(condition(&status, "Ready"), ("True", "Available"));
+            assert_eq!(condition(&status, "Ready"), ("False", "CanaryAnalysis"));
+            assert_eq!(condition(&status, "Available"), ("True", "ReplicasAvailable"));
             assert_eq!(status.current_version.as_deref(), Some("1.0.0"));
             let event = api.event().await;
             assert_eq!(event["reason"], "CanaryStarted");

@@ -434,21 +434,22 @@ pub fn with_canary(
         .filter(|c| matches!(c.phase, CanaryPhase::Starting | CanaryPhase::Analysing));
     if let Some(canary) = judging {
         let message = format!("canary of version {}: {}", canary.version, canary.message);
-        let was = model
-            .status
-            .as_ref()
-            .and_then(|s| find(s, PROGRESSING))
-            .filter(|c| c.status == "True")
-            .map(|c| c.last_transition_time.clone());
-        if let Some(progressing) = status
-            .conditions
-            .iter_mut()
-            .find(|c| c.type_ == PROGRESSING)
-        {
-            progressing.status = "True".to_owned();
-            progressing.reason = CANARY_ANALYSIS.to_owned();
-            progressing.message = message;
-            progressing.last_transition_time = was.unwrap_or_else(|| now.clone());
+        // Progressing while the canary is judged; not Ready, since the spec's version does not
+        // serve yet (`kubectl wait --for=condition=Ready` waits for the promotion). Available
+        // still says the stable pods serve.
+        for (type_, value) in [(PROGRESSING, "True"), (READY, "False")] {
+            let was = model
+                .status
+                .as_ref()
+                .and_then(|s| find(s, type_))
+                .filter(|c| c.status == value)
+                .map(|c| c.last_transition_time.clone());
+            if let Some(condition) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
+                condition.status = value.to_owned();
+                condition.reason = CANARY_ANALYSIS.to_owned();
+                condition.message = message.clone();
+                condition.last_transition_time = was.unwrap_or_else(|| now.clone());
+            }
         }
     }
     status
