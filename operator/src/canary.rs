@@ -93,6 +93,17 @@ fn quality_check_name(rerank: bool) -> &'static str {
     }
 }
 
+/// The canary of `status` failed for `reason`: it ends `RolledBack` with `message`.
+pub fn fail(mut status: CanaryStatus, reason: &'static str, message: String) -> Verdict {
+    status.phase = CanaryPhase::RolledBack;
+    status.message = message.clone();
+    Verdict::Fail {
+        status,
+        reason,
+        message,
+    }
+}
+
 /// Whether this reconcile has to run the quality gate: one is configured, every canary pod is
 /// Ready, and it has not run for this canary yet.
 pub fn needs_quality_gate(spec: &CanarySpec, status: &CanaryStatus, ready_pods: i32) -> bool {
@@ -129,15 +140,6 @@ pub fn judge(
     now: &Time,
 ) -> Verdict {
     let mut status = previous.clone();
-    let fail = |mut status: CanaryStatus, reason: &'static str, message: String| {
-        status.phase = CanaryPhase::RolledBack;
-        status.message = message.clone();
-        Verdict::Fail {
-            status,
-            reason,
-            message,
-        }
-    };
     let started = match &status.analysis_started {
         Some(started) => started.clone(),
         None if observed.ready_pods >= spec.replicas => {

@@ -401,20 +401,13 @@ async fn judge_canary(
         .collect();
     if let Some((reason, message)) = rollout::pod_failure(&canary.spec, &canary_pods, now) {
         // A canary that cannot run fails like a rollout that cannot; the reason is its pods'.
-        let mut status = canary.status.clone();
-        status.phase = crate::crd::CanaryPhase::RolledBack;
-        status.message = message.clone();
         let reason = match reason.as_str() {
             status::IMAGE_PULL_BACK_OFF => status::IMAGE_PULL_BACK_OFF,
             status::CRASH_LOOP_BACK_OFF => status::CRASH_LOOP_BACK_OFF,
             rollout::NOT_READY => rollout::NOT_READY,
             _ => canary::CANARY_POD_FAILED,
         };
-        return canary::Verdict::Fail {
-            status,
-            reason,
-            message,
-        };
+        return canary::fail(canary.status.clone(), reason, message);
     }
     let ready = ready_pods(canary_pods.iter().copied());
     let ready_count = i32::try_from(ready.len()).unwrap_or(i32::MAX);
@@ -424,13 +417,9 @@ async fn judge_canary(
         }
         _ => None,
     };
-    let mut analysed = canary.status.clone();
-    if analysed.analysis_started.is_none() && ready_count >= canary.settings.replicas {
-        analysed.analysis_started = Some(now.clone());
-    }
-    let over = canary::window_over(&canary.settings, &analysed, now);
+    // An analysis that starts in this reconcile is not over in it (analysisSeconds >= 1).
     let (canary_metrics, stable_metrics);
-    let metrics = if over {
+    let metrics = if canary::window_over(&canary.settings, &canary.status, now) {
         let canary_read: Result<Vec<PodMetrics>, String> =
             scrape(&ready, ctx).await.into_iter().collect();
         let stable = ready_pods(pods.iter().filter(|pod| !is_canary(pod)));
@@ -482,14 +471,12 @@ async fn quality_gate(
     let task = model.spec.model.task;
     let set = golden::parse(text, task)
         .map_err(|error| format!("ConfigMap {} key {}: {error}", gate.config_map, gate.key))?;
+    let embed_request = golden::embed_request(&set);
     let mut lowest = f64::INFINITY;
     for pod in pods {
         let measured = match task {
             Task::Embed => {
-                let answer = ctx
-                    .pods
-                    .post(pod, "/embed", golden::embed_request(&set))
-                    .await?;
+                let answer = ctx.pods.post(pod, "/embed", embed_request.clone()).await?;
                 golden::min_cosine(&set, &answer)?
             }
             Task::Rerank => {

@@ -195,6 +195,33 @@ pub fn pod_failure<'a>(
     })
 }
 
+/// Condition `type_` of `model` after this reconcile: its transition time carries over from
+/// the previous status while its status stays the same.
+fn carried_condition(
+    model: &QuantizedModel,
+    now: &Time,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let unchanged = model.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+    });
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: model.metadata.generation,
+        last_transition_time: unchanged
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone()),
+    }
+}
+
 /// The status after this reconcile. Condition transition times and the last fully rolled-out
 /// version carry over from the previous status.
 pub fn status(
@@ -205,20 +232,7 @@ pub fn status(
     let previous = model.status.clone().unwrap_or_default();
     let generation = model.metadata.generation;
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
-        let status = if status { "True" } else { "False" };
-        let unchanged = previous
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status);
-        Condition {
-            type_: type_.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message,
-            observed_generation: generation,
-            last_transition_time: unchanged
-                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone()),
-        }
+        carried_condition(model, now, type_, status, reason, message)
     };
     match observation {
         Observation::Invalid(error) => QuantizedModelStatus {
@@ -437,18 +451,10 @@ pub fn with_canary(
         // Progressing while the canary is judged; not Ready, since the spec's version does not
         // serve yet (`kubectl wait --for=condition=Ready` waits for the promotion). Available
         // still says the stable pods serve.
-        for (type_, value) in [(PROGRESSING, "True"), (READY, "False")] {
-            let was = model
-                .status
-                .as_ref()
-                .and_then(|s| find(s, type_))
-                .filter(|c| c.status == value)
-                .map(|c| c.last_transition_time.clone());
+        for (type_, value) in [(PROGRESSING, true), (READY, false)] {
             if let Some(condition) = status.conditions.iter_mut().find(|c| c.type_ == type_) {
-                condition.status = value.to_owned();
-                condition.reason = CANARY_ANALYSIS.to_owned();
-                condition.message = message.clone();
-                condition.last_transition_time = was.unwrap_or_else(|| now.clone());
+                *condition =
+                    carried_condition(model, now, type_, value, CANARY_ANALYSIS, message.clone());
             }
         }
     }
