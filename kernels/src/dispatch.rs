@@ -7,6 +7,12 @@ use std::sync::OnceLock;
 /// only by summation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Path {
+    /// Intel AMX-INT8 (Sapphire Rapids and later Xeons, Linux): `tdpbssd` on 16 x 64-byte
+    /// tiles, AVX-512 F/BW quantizer and epilogue. Only offered once the kernel has granted
+    /// the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) and a known-answer product on the
+    /// instructions matched the scalar path. Not yet run on AMX hardware: verified on an
+    /// emulator of the tile instructions (see `gemm::amx`).
+    Amx,
     /// AVX-512 F/BW + VNNI: `vpdpbusd` on 512-bit vectors (u8 x s8, +128 offset).
     Avx512Vnni,
     /// AVX2 (+FMA present): `vpsignb` + `vpmaddubsw` + `vpmaddwd` on 256-bit vectors.
@@ -23,7 +29,8 @@ pub enum Path {
 
 impl Path {
     /// Every path, fastest first.
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
+        Path::Amx,
         Path::Avx512Vnni,
         Path::Avx2,
         Path::NeonI8mm,
@@ -34,6 +41,7 @@ impl Path {
     /// The name used by `QMODEL_KERNEL`.
     pub fn name(self) -> &'static str {
         match self {
+            Path::Amx => "amx",
             Path::Avx512Vnni => "avx512vnni",
             Path::Avx2 => "avx2",
             Path::NeonI8mm => "neon-i8mm",
@@ -58,6 +66,8 @@ impl Path {
     pub fn is_supported(self) -> bool {
         match self {
             Path::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Amx => crate::gemm::amx::available(),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => {
                 std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
@@ -104,8 +114,18 @@ impl Path {
                     format!("QMODEL_KERNEL={v:?}: expected one of {}", Path::names())
                 })?;
                 if !p.is_supported() {
+                    // AMX can also lack the kernel's permission or fail its self-check.
+                    #[cfg(target_arch = "x86_64")]
+                    let why = match p {
+                        Path::Amx => crate::gemm::amx::status()
+                            .err()
+                            .map_or(String::new(), |why| format!("{why}; ")),
+                        _ => String::new(),
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let why = "";
                     return Err(format!(
-                        "QMODEL_KERNEL={v}: this CPU does not support it (supported: {})",
+                        "QMODEL_KERNEL={v}: this CPU does not support it ({why}supported: {})",
                         Path::supported()
                             .into_iter()
                             .map(Path::name)

@@ -13,6 +13,9 @@
 //!   saturating instruction never saturates; `vpmaddwd` by 1 widens to i32.
 //!   (The +128 offset would not be safe here: 255*127*2 > 32767.)
 //! - Scalar: plain i32 arithmetic.
+//! - Intel AMX (`amx` module): `tdpbssd` multiplies signed bytes, so rows are stored as `xq`
+//!   (as for AVX2): one 16-row x 64-byte tile of rows times one tile of 16 consecutive
+//!   k-groups of a panel, which is already the B-tile layout `tdpbssd` reads.
 //!
 //! Asymmetric rows (for inputs far from symmetric, like GELU outputs) use all 256 levels:
 //! `u = round(x / s) + zp` in [0, 255], stored as `u - 128` in the same byte encodings.
@@ -37,6 +40,11 @@ use crate::pool::ThreadPool;
 use crate::simd::V;
 use crate::weight::{KGROUP, PANEL, WeightView, k4_of, quantize_row_i8};
 use std::cell::RefCell;
+
+// A child of this module: it drives the tile plumbing below (`Acts`, `Out`, `epilogue`).
+#[cfg(target_arch = "x86_64")]
+#[path = "amx.rs"]
+pub(crate) mod amx;
 
 /// Epilogue activation fused into [`linear_act`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -285,7 +293,9 @@ pub(crate) struct QuantRows<'a> {
 fn quantize_rows(path: Path, x: &[f32], input: InputQuant<'_>, k: usize, out: QuantRows<'_>) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, input, k, out) },
+        Path::Amx => unsafe { amx::quantize(x, input, k, out) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512Vnni => unsafe { x86::quantize_avx512(x, input, k, out, 0x80) },
         #[cfg(target_arch = "x86_64")]
         Path::Avx2 => unsafe { x86::quantize_avx2(x, input, k, out) },
         #[cfg(target_arch = "aarch64")]
@@ -488,6 +498,8 @@ unsafe fn tile_dispatch(
     unsafe {
         match path {
             #[cfg(target_arch = "x86_64")]
+            Path::Amx => amx::tile(a, w, r0, r1, p0, p1, out),
+            #[cfg(target_arch = "x86_64")]
             Path::Avx512Vnni => x86::tile_avx512(a, w, r0, r1, p0, p1, out),
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => x86::tile_avx2(a, w, r0, r1, p0, p1, out),
@@ -581,14 +593,16 @@ mod x86 {
     use crate::simd::{F256, F512};
     use std::arch::x86_64::*;
 
+    /// `xor`: 0x80 for the VNNI encoding, 0 for AMX's signed one.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn quantize_avx512(
         x: &[f32],
         input: InputQuant<'_>,
         k: usize,
         out: QuantRows<'_>,
+        xor: u8,
     ) {
-        unsafe { quantize_v::<F512>(x, input, k, out, 0x80) }
+        unsafe { quantize_v::<F512>(x, input, k, out, xor) }
     }
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn quantize_avx2(

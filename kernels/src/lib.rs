@@ -9,10 +9,13 @@
 //!   optional GELU ([`Activation`]).
 //! - f32 helpers: [`gelu_inplace`], [`softmax_rows_inplace`], [`layer_norm_rows`].
 //! - [`ThreadPool`]: one small persistent pool (caller + parked workers).
-//! - [`Path`]: runtime dispatch AVX-512 VNNI / AVX2 (x86-64), i8mm / dotprod (aarch64) /
-//!   scalar; force with `QMODEL_KERNEL=avx512vnni|avx2|neon-i8mm|neon-dot|scalar` (read
-//!   once) or per call via
-//!   [`Exec`].
+//! - [`Path`]: runtime dispatch AMX / AVX-512 VNNI / AVX2 (x86-64), i8mm / dotprod
+//!   (aarch64) / scalar; force with
+//!   `QMODEL_KERNEL=amx|avx512vnni|avx2|neon-i8mm|neon-dot|scalar` (read once) or per call
+//!   via [`Exec`]. The AMX path (`tdpbssd` tiles, Sapphire Rapids and later on Linux) has not
+//!   run on AMX hardware yet: it is verified bit-exact on an emulator of the tile
+//!   instructions, and on first use checks itself against the scalar kernel (a mismatch
+//!   leaves it unsupported).
 //!
 //! ```
 //! use qmodel_kernels::{Activation, Exec, Path, QuantizedWeight, ThreadPool, linear, linear_with};
@@ -53,8 +56,8 @@
 //! ## Numerics
 //! Weights: `scale_n = max|w_n| / 127`, `q = round_half_even(w / scale)`.
 //! Activations: the same per row, at run time. Integer accumulation is exact
-//! on every path (see the `gemm` module docs for the VNNI +128 offset and the
-//! AVX2 sign trick), `in_features <= MAX_IN_FEATURES`.
+//! on every path (see the `gemm` module docs for the VNNI +128 offset, the
+//! AVX2 sign trick and the AMX tiles), `in_features <= MAX_IN_FEATURES`.
 //! GELU's erf is a rational minimax approximation (max abs error ~1e-6).
 //! Per output element the error against the f32 product is bounded by
 //! `0.5 * (scale_n * sum_k |x_k| + sx * sum_k |q_nk| * scale_n) + f32 rounding`

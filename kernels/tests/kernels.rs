@@ -627,6 +627,8 @@ fn active_path_honours_env() {
     assert_eq!(Path::parse("AVX2"), Some(Path::Avx2));
     assert_eq!(Path::parse("scalar"), Some(Path::Scalar));
     assert_eq!(Path::parse("avx512vnni"), Some(Path::Avx512Vnni));
+    assert_eq!(Path::parse("AMX"), Some(Path::Amx));
+    assert_eq!(Path::ALL[0], Path::Amx, "AMX is tried first");
     assert_eq!(Path::parse("neon"), None);
     assert_eq!(Path::parse("Neon-I8MM"), Some(Path::NeonI8mm));
     assert_eq!(Path::parse("neon-dot"), Some(Path::NeonDot));
