@@ -7,7 +7,8 @@
 //!   pre-packed), activations quantized dynamically per row (per token) to
 //!   int8, exact int8 x int8 -> i32 accumulation, fused dequantize + bias and
 //!   optional GELU ([`Activation`]).
-//! - f32 helpers: [`gelu_inplace`], [`softmax_rows_inplace`], [`layer_norm_rows`].
+//! - f32 helpers: [`gelu_inplace`], [`softmax_rows_inplace`], [`layer_norm_rows`], and
+//!   [`attend_head`], fused attention of one head (scores, softmax and values by query block).
 //! - [`ThreadPool`]: one small persistent pool (caller + parked workers).
 //! - [`Path`]: runtime dispatch AMX / AVX-512 VNNI / AVX2 (x86-64), i8mm / dotprod
 //!   (aarch64) / scalar; force with
@@ -65,6 +66,7 @@
 
 #![warn(missing_docs)]
 
+mod attention;
 mod dispatch;
 mod gemm;
 mod ops;
@@ -72,13 +74,14 @@ mod pool;
 mod simd;
 mod weight;
 
+pub use attention::{HeadIo, QUERY_BLOCK, RowBias, attend_head, attend_head_with};
 pub use dispatch::Path;
 pub use gemm::{
     Activation, Exec, InputQuant, PAR_MIN_MACS, gemm_i32_with, linear, linear_act,
     linear_quant_with, linear_with, quantize_rows_i8,
 };
 pub use ops::{
-    exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
+    dot_with, exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
     layer_norm_rows_with, softmax_rows_inplace, softmax_rows_inplace_with,
 };
 pub use pool::{DEFAULT_SPIN, ThreadPool};

@@ -1,7 +1,7 @@
 //! Vectorized f32 helpers for the encoder: GELU (erf), row softmax, LayerNorm.
 //!
 //! Each algorithm is written once over [`V`](crate::simd::V) and instantiated
-//! for AVX-512 (`Path::Avx512Vnni`), AVX2 (`Path::Avx2`), NEON (both Arm paths) and
+//! for AVX-512 (`Path::Avx512Vnni` and `Path::Amx`), AVX2 (`Path::Avx2`), NEON (both Arm paths) and
 //! scalar (`Path::Scalar`). Elementwise functions (`gelu`, `exp`) give bit-identical
 //! results on every path; softmax and LayerNorm sum in a different order per
 //! vector width, so they agree to a few ulps.
@@ -131,40 +131,50 @@ unsafe fn scale_slice<T: V>(x: &mut [f32], s: f32) {
 #[inline(always)]
 unsafe fn softmax_slice<T: V>(x: &mut [f32], row_len: usize) {
     for row in x.chunks_exact_mut(row_len) {
-        let n = row.len();
-        let p = row.as_mut_ptr();
         unsafe {
-            let mut m = T::splat(f32::NEG_INFINITY);
-            let mut i = 0;
-            while i + T::W <= n {
-                m = m.max(T::load(p.add(i)));
-                i += T::W;
-            }
-            if i < n {
-                m = m.max(T::load_part(p.add(i), n - i, f32::NEG_INFINITY));
-            }
-            let mx = m.hmax();
-            if mx == f32::NEG_INFINITY {
-                // Fully masked row: define the result as all zeros.
-                row.fill(0.0);
-                continue;
-            }
-            let mv = T::splat(mx);
-            let mut s = T::splat(0.0);
-            i = 0;
-            while i + T::W <= n {
-                let e = exp_v(T::load(p.add(i)).sub(mv));
-                e.store(p.add(i));
-                s = s.add(e);
-                i += T::W;
-            }
-            if i < n {
-                let e = exp_v(T::load_part(p.add(i), n - i, f32::NEG_INFINITY).sub(mv));
-                e.store_part(p.add(i), n - i);
-                s = s.add(e);
-            }
-            scale_slice::<T>(row, 1.0 / s.hsum());
+            let inv_sum = exp_row::<T>(row);
+            scale_slice::<T>(row, inv_sum);
         }
+    }
+}
+
+/// Replaces `row` by `exp(row - max(row))` and returns `1 / sum` of those: the softmax but
+/// for its last scaling, which the caller fuses into its next pass. A row that is entirely
+/// `-inf` becomes zeros, with 0 returned.
+#[inline(always)]
+pub(crate) unsafe fn exp_row<T: V>(row: &mut [f32]) -> f32 {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    unsafe {
+        let mut m = T::splat(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i + T::W <= n {
+            m = m.max(T::load(p.add(i)));
+            i += T::W;
+        }
+        if i < n {
+            m = m.max(T::load_part(p.add(i), n - i, f32::NEG_INFINITY));
+        }
+        let mx = m.hmax();
+        if mx == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return 0.0;
+        }
+        let mv = T::splat(mx);
+        let mut s = T::splat(0.0);
+        i = 0;
+        while i + T::W <= n {
+            let e = exp_v(T::load(p.add(i)).sub(mv));
+            e.store(p.add(i));
+            s = s.add(e);
+            i += T::W;
+        }
+        if i < n {
+            let e = exp_v(T::load_part(p.add(i), n - i, f32::NEG_INFINITY).sub(mv));
+            e.store_part(p.add(i), n - i);
+            s = s.add(e);
+        }
+        1.0 / s.hsum()
     }
 }
 
@@ -217,13 +227,44 @@ unsafe fn layer_norm_slice<T: V>(x: &mut [f32], gamma: &[f32], beta: &[f32], eps
     }
 }
 
+/// `a . b` with four independent vector accumulators (FMA latency), in a fixed order for a
+/// given path and length.
+#[inline(always)]
+unsafe fn dot_slice<T: V>(a: &[f32], b: &[f32]) -> f32 {
+    const CHAINS: usize = 4;
+    let (n, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
+    let mut acc = [T::splat(0.0); CHAINS];
+    let mut i = 0;
+    unsafe {
+        while i + CHAINS * T::W <= n {
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let j = i + c * T::W;
+                *acc = T::load(pa.add(j)).mul_add(T::load(pb.add(j)), *acc);
+            }
+            i += CHAINS * T::W;
+        }
+        while i + T::W <= n {
+            acc[0] = T::load(pa.add(i)).mul_add(T::load(pb.add(i)), acc[0]);
+            i += T::W;
+        }
+        if i < n {
+            let (x, y) = (
+                T::load_part(pa.add(i), n - i, 0.0),
+                T::load_part(pb.add(i), n - i, 0.0),
+            );
+            acc[1] = x.mul_add(y, acc[1]);
+        }
+    }
+    acc[0].add(acc[1]).add(acc[2].add(acc[3])).hsum()
+}
+
 macro_rules! dispatch_f32 {
     ($path:expr, $generic:ident, $avx512:ident, $avx2:ident, ($($arg:expr),*)) => {{
         let path: Path = $path;
         path.assert_supported();
         match path {
             #[cfg(target_arch = "x86_64")]
-            Path::Avx512Vnni => unsafe { $avx512($($arg),*) },
+            Path::Avx512Vnni | Path::Amx => unsafe { $avx512($($arg),*) },
             #[cfg(target_arch = "x86_64")]
             Path::Avx2 => unsafe { $avx2($($arg),*) },
             #[cfg(target_arch = "aarch64")]
@@ -255,6 +296,14 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn softmax_256(x: &mut [f32], n: usize) {
         unsafe { softmax_slice::<F256>(x, n) }
+    }
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
+        unsafe { dot_slice::<F512>(a, b) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
+        unsafe { dot_slice::<F256>(a, b) }
     }
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn ln_512(x: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
@@ -291,6 +340,14 @@ pub fn softmax_rows_inplace_with(path: Path, x: &mut [f32], row_len: usize) {
         "softmax: len not a multiple of row_len"
     );
     dispatch_f32!(path, softmax_slice, softmax_512, softmax_256, (x, row_len))
+}
+
+/// `a . b` on a given path (panics if the CPU lacks it), FMA where the ISA has it: the same
+/// result for the same path and inputs, whatever the call site (a token's product does not
+/// depend on the batch around it).
+pub fn dot_with(path: Path, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    dispatch_f32!(path, dot_slice, dot_512, dot_256, (a, b))
 }
 
 /// LayerNorm over each row of `gamma.len()` values, in place:

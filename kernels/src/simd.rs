@@ -42,6 +42,10 @@ pub(crate) trait V: Copy {
     fn sub(self, o: Self) -> Self;
     fn mul(self, o: Self) -> Self;
     fn div(self, o: Self) -> Self;
+    /// `self * a + b`, fused where the ISA has FMA: the one operation here whose result
+    /// depends on the width (scalar rounds twice). Only attention's dot products use it, and
+    /// those sum in a per-width order anyway.
+    fn mul_add(self, a: Self, b: Self) -> Self;
     fn min(self, o: Self) -> Self;
     fn max(self, o: Self) -> Self;
     /// `2^n` for `n` an integral value in [-126, 127].
@@ -88,6 +92,11 @@ impl V for f32 {
     #[inline(always)]
     fn div(self, o: Self) -> Self {
         self / o
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        // Not `f32::mul_add`: without a target FMA that is a slow libm call.
+        self * a + b
     }
     // min/max mirror x86 minps/maxps: return the second operand unless the
     // first is strictly smaller/greater (matters only for NaN and -0.0).
@@ -181,6 +190,10 @@ mod x86 {
             unsafe { F512(_mm512_div_ps(self.0, o.0)) }
         }
         #[inline(always)]
+        fn mul_add(self, a: Self, b: Self) -> Self {
+            unsafe { F512(_mm512_fmadd_ps(self.0, a.0, b.0)) }
+        }
+        #[inline(always)]
         fn min(self, o: Self) -> Self {
             unsafe { F512(_mm512_min_ps(self.0, o.0)) }
         }
@@ -252,6 +265,10 @@ mod x86 {
         #[inline(always)]
         fn div(self, o: Self) -> Self {
             unsafe { F256(_mm256_div_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: Self, b: Self) -> Self {
+            unsafe { F256(_mm256_fmadd_ps(self.0, a.0, b.0)) }
         }
         #[inline(always)]
         fn min(self, o: Self) -> Self {
@@ -349,6 +366,10 @@ mod arm {
         #[inline(always)]
         fn div(self, o: Self) -> Self {
             unsafe { F128(vdivq_f32(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: Self, b: Self) -> Self {
+            unsafe { F128(vfmaq_f32(b.0, self.0, a.0)) }
         }
         // min/max as compare-and-select, not `fmin`/`fmax`: the same answer as the x86
         // `minps`/`maxps` and the scalar `if` for every input, NaN included.

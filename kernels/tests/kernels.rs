@@ -594,6 +594,82 @@ fn softmax_matches_reference() {
     }
 }
 
+/// Fused attention against an f64 softmax(QK^T + bias)V on fused-QKV-style strided rows:
+/// every row tail of the query blocks and tiles, head widths that are and are not whole vectors,
+/// keys not a multiple of the vector width, a bias, large scores.
+#[test]
+fn attention_matches_reference() {
+    let mut rng = Rng(12);
+    for path in paths() {
+        for &(len, hd) in &[
+            (1, 32),
+            (3, 32),
+            (8, 64),
+            (17, 32),
+            (37, 12),
+            (128, 32),
+            (200, 5),
+        ] {
+            for biased in [false, true] {
+                let stride = 3 * hd + 7;
+                // Large enough that the softmax is far from uniform.
+                let qkv = rng.vec(len * stride, |r| r.uniform() * 2.5);
+                let bias = |i: usize, row: &mut [f32]| {
+                    for (j, s) in row.iter_mut().enumerate() {
+                        *s += ((i * 31 + j * 7) % 11) as f32 * 0.3 - 1.5;
+                    }
+                };
+                let out_stride = hd + 3;
+                let mut out = vec![f32::NAN; len * out_stride];
+                let io = HeadIo {
+                    q: qkv.as_ptr(),
+                    k: qkv[hd..].as_ptr(),
+                    v: qkv[2 * hd..].as_ptr(),
+                    in_stride: stride,
+                    out: out.as_mut_ptr(),
+                    out_stride,
+                    len,
+                    head_dim: hd,
+                };
+                let row_bias: Option<RowBias> = if biased { Some(&bias) } else { None };
+                // SAFETY: `qkv` holds `len` rows of `stride` >= 3 * hd, `out` `len` rows of
+                // `out_stride` >= hd.
+                unsafe { attend_head_with(path, io, row_bias) };
+                let at = |i: usize, j: usize| qkv[i * stride + j] as f64;
+                let mut worst = 0f64;
+                for i in 0..len {
+                    let mut scores: Vec<f64> = (0..len)
+                        .map(|j| (0..hd).map(|d| at(i, d) * at(j, hd + d)).sum())
+                        .collect();
+                    if biased {
+                        let mut b = vec![0f32; len];
+                        bias(i, &mut b);
+                        scores.iter_mut().zip(&b).for_each(|(s, b)| *s += *b as f64);
+                    }
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..len).map(|j| e[j] / sum * at(j, 2 * hd + d)).sum();
+                        let got = out[i * out_stride + d] as f64;
+                        worst = worst.max((got - want).abs());
+                    }
+                    // The gap between output rows is left alone.
+                    assert!(
+                        out[i * out_stride + hd..(i + 1) * out_stride]
+                            .iter()
+                            .all(|v| v.is_nan())
+                    );
+                }
+                assert!(
+                    worst < 2e-5,
+                    "path {path} len {len} head {hd} bias {biased}: max abs err {worst:.2e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn layer_norm_matches_reference() {
     let mut rng = Rng(9);

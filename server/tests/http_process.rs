@@ -128,7 +128,7 @@ fn a_bad_kernel_choice_fails_with_one_line_before_binding() {
     let cases = [
         (
             "QMODEL_KERNEL=fastest",
-            "expected one of avx512vnni, avx2, neon-i8mm, neon-dot, scalar",
+            "expected one of amx, avx512vnni, avx2, neon-i8mm, neon-dot, scalar",
         ),
         // No CPU runs both families: whichever this one is, the other is refused.
         (

@@ -504,7 +504,7 @@ pub struct Info {
     /// Threads of the compute pools, and why that many (see [`crate::threads`]).
     pub compute_threads: usize,
     pub compute_threads_reason: String,
-    /// The CPU kernels' path (`avx512vnni`, `avx2`, `neon-i8mm`, `neon-dot`, `scalar`: the
+    /// The CPU kernels' path (`amx`, `avx512vnni`, `avx2`, `neon-i8mm`, `neon-dot`, `scalar`: the
     /// best this CPU has, or `QMODEL_KERNEL`'s); absent on a GPU.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_kernel: Option<String>,

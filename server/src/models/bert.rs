@@ -13,7 +13,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
-use qmodel_kernels::{Activation, Path as KernelPath, ThreadPool};
+use qmodel_kernels::{Activation, HeadIo, Path as KernelPath, ThreadPool, attend_head_with};
 
 use super::mpnet::{BIAS_TABLE, RelativeAttention, RelativeBias};
 use super::{
@@ -857,9 +857,10 @@ fn qkv_prefixes(layer: usize) -> [String; 3] {
 }
 
 /// Self-attention of a packed batch: `qkv` is `[tokens, 3 * h]` (Q already scaled), `context`
-/// gets `[tokens, h]`; `bias` is added to the scores (MPNet). One task per (input, head) on the kernels' pool, each attending over its
-/// own input's tokens only, in F32, single-threaded `gemm`: an input's result is computed the
-/// same way whatever else is in the batch.
+/// gets `[tokens, h]`; `bias` is added to the scores (MPNet). One task per (input, head) on the
+/// kernels' pool, each attending over its own input's tokens only with the kernels' fused
+/// attention (scores, softmax and values by block of query rows, never the whole `len x len`
+/// matrix): an input's result is computed the same way whatever else is in the batch.
 fn attention(
     qkv: &[f32],
     lens: &[usize],
@@ -888,63 +889,28 @@ fn attention(
     ThreadPool::global().run(lens.len() * heads, &|task| {
         let (input, head) = (task / heads, task % heads);
         let (start, len) = (starts[input], lens[input]);
-        let mut scores = vec![0f32; len * len];
+        let add_bias = |query: usize, scores: &mut [f32]| {
+            if let Some(bias) = bias {
+                bias.add_row(head, query, scores);
+            }
+        };
         // SAFETY: Q, K and V of this input and head lie inside `qkv` (checked above: `len`
         // rows of `stride` from `start`, columns `head * hd..+hd` of each third); the output
         // block (rows `start..start + len`, columns `head * hd..+hd` of `context`) is this
         // task's alone.
         unsafe {
             let q = qkv.as_ptr().add(start * stride + head * hd);
-            let (k, v) = (q.add(h), q.add(2 * h));
-            let s = stride as isize;
-            // scores[i][j] = sum_d q[i][d] k[j][d]
-            gemm::gemm(
-                len,
-                len,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
+            let io = HeadIo {
                 q,
-                1,
-                s,
-                k,
-                s,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-            if let Some(bias) = bias {
-                bias.add_to(head, len, &mut scores);
-            }
-            qmodel_kernels::softmax_rows_inplace_with(path, &mut scores, len);
-            // context[i][d] = sum_j p[i][j] v[j][d]
-            gemm::gemm(
+                k: q.add(h),
+                v: q.add(2 * h),
+                in_stride: stride,
+                out: out.ptr().add(start * h + head * hd),
+                out_stride: h,
                 len,
-                hd,
-                len,
-                out.ptr().add(start * h + head * hd),
-                1,
-                h as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v,
-                1,
-                s,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+                head_dim: hd,
+            };
+            attend_head_with(path, io, bias.is_some().then_some(&add_bias));
         }
     });
 }

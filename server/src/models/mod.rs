@@ -24,7 +24,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
 use qmodel_kernels::{
-    Activation, Exec, InputQuant, QuantizedWeight, gelu_inplace_with, linear_quant_with,
+    Activation, Exec, InputQuant, QuantizedWeight, dot_with, gelu_inplace_with, linear_quant_with,
     linear_with, quantize_rows_i8,
 };
 
@@ -784,20 +784,21 @@ pub struct OutlierRows {
 
 impl OutlierRows {
     /// Adds the rows' products to `out` (`[tokens, out_features]`) for input `x` (`[tokens,
-    /// in]`), tokens split over the kernels' pool; each product is [`dot`], so a token's result
-    /// is the same whatever else is in the batch.
+    /// in]`), tokens split over the kernels' pool; each product is the kernels' `dot_with` (a
+    /// fixed order per path), so a token's result is the same whatever else is in the batch.
     fn add_to(&self, x: &[f32], tokens: usize, out_features: usize, out: &mut [f32]) {
         const TOKENS_PER_TASK: usize = 16;
         let k = x.len() / tokens.max(1);
         assert!(x.len() == tokens * k && out.len() == tokens * out_features);
         let shared = SharedOut(out.as_mut_ptr());
+        let path = Exec::global().path;
         qmodel_kernels::ThreadPool::global().run(tokens.div_ceil(TOKENS_PER_TASK), &|task| {
             let first = task * TOKENS_PER_TASK;
             for t in first..(first + TOKENS_PER_TASK).min(tokens) {
                 let x = &x[t * k..(t + 1) * k];
                 for (&r, w) in self.rows.iter().zip(self.weight.chunks_exact(k)) {
                     // SAFETY: token t's row of `out` (checked above) is this task's alone.
-                    unsafe { *shared.ptr().add(t * out_features + r) += dot(x, w) };
+                    unsafe { *shared.ptr().add(t * out_features + r) += dot_with(path, x, w) };
                 }
             }
         });
@@ -816,21 +817,6 @@ impl SharedOut {
     pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
-}
-
-/// `a . b` in a fixed order: 16 lane sums (which the compiler vectorizes), then the tail.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut lanes = [0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 impl Int8Linear {

@@ -131,12 +131,10 @@ impl RelativeBias {
         self.table[bucket * self.heads + head]
     }
 
-    /// Adds `head`'s bias to the `[len, len]` scores of one input.
-    pub fn add_to(&self, head: usize, len: usize, scores: &mut [f32]) {
-        for (i, row) in scores.chunks_exact_mut(len).enumerate() {
-            for (j, s) in row.iter_mut().enumerate() {
-                *s += self.bias(head, i, j);
-            }
+    /// Adds `head`'s bias to the scores of query `query` against keys `0..scores.len()`.
+    pub fn add_row(&self, head: usize, query: usize, scores: &mut [f32]) {
+        for (key, s) in scores.iter_mut().enumerate() {
+            *s += self.bias(head, query, key);
         }
     }
 
