@@ -4,7 +4,7 @@
 //! (`QUERY_BLOCK x len`, 16 KB at 512 tokens: L1-resident), an optional bias per row, the
 //! softmax over each whole row (exact, not online: a row of up to a few thousand keys fits),
 //! then the probability-weighted sum of the values, scaled by the softmax's `1 / sum` on the
-//! way out. The `len x len` score matrix is never materialized, K is transposed once per call
+//! way out. The `len x len` score matrix is never materialized, K is transposed and V packed once per call
 //! into `[head_dim, len]` so the score tiles are broadcast-FMA products, and the scratch is
 //! per thread and reused, so a call allocates nothing once warm.
 //!
@@ -52,8 +52,7 @@ pub struct HeadIo {
 pub type RowBias<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
 
 thread_local! {
-    /// K transposed, and the scores of one query block.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
 /// `out[i] = softmax(q[i] . k[j] (+ bias(i, j)) over j) . v` for every row `i`, on the active
@@ -77,28 +76,39 @@ pub unsafe fn attend_head_with(path: Path, io: HeadIo, bias: Option<RowBias<'_>>
         return;
     }
     SCRATCH.with(|scratch| {
-        let (kt, scores) = &mut *scratch.borrow_mut();
+        let scratch = &mut *scratch.borrow_mut();
         unsafe {
             match path {
                 #[cfg(target_arch = "x86_64")]
-                Path::Avx512Vnni | Path::Amx => x86::attend_512(io, bias, kt, scores),
+                Path::Avx512Vnni | Path::Amx => x86::attend_512(io, bias, scratch),
                 #[cfg(target_arch = "x86_64")]
-                Path::Avx2 => x86::attend_256(io, bias, kt, scores),
+                Path::Avx2 => x86::attend_256(io, bias, scratch),
                 #[cfg(target_arch = "aarch64")]
-                Path::NeonI8mm | Path::NeonDot => attend::<crate::simd::F128>(io, bias, kt, scores),
-                _ => attend::<f32>(io, bias, kt, scores),
+                Path::NeonI8mm | Path::NeonDot => attend::<crate::simd::F128>(io, bias, scratch),
+                _ => attend::<f32>(io, bias, scratch),
             }
         }
     })
 }
 
+/// Per-thread buffers of [`attend`], grown to the longest sequence seen.
+#[derive(Default)]
+struct Scratch {
+    /// K transposed, `[head_dim, lenp]`.
+    kt: Vec<f32>,
+    /// V packed, `[len, head_dim]`.
+    v: Vec<f32>,
+    /// Scores of one query block, `[QUERY_BLOCK, lenp]`.
+    scores: Vec<f32>,
+}
+
 #[inline(always)]
-unsafe fn attend<T: V>(
-    io: HeadIo,
-    bias: Option<RowBias<'_>>,
-    kt: &mut Vec<f32>,
-    scores: &mut Vec<f32>,
-) {
+unsafe fn attend<T: V>(io: HeadIo, bias: Option<RowBias<'_>>, scratch: &mut Scratch) {
+    let Scratch {
+        kt,
+        v: packed_v,
+        scores,
+    } = scratch;
     let HeadIo {
         q,
         k,
@@ -112,14 +122,25 @@ unsafe fn attend<T: V>(
     // Keys padded to whole vectors: the padding's scores are computed (against zero keys)
     // but never read.
     let lenp = len.next_multiple_of(T::W);
+    // K transposed and V packed: the fused QKV rows are `in_stride` apart (a page or more at
+    // real widths), so reading them in place, row after row, for every query block missed the
+    // TLB on each row. Each is read once here, K in blocks of 8 rows so the stores go 8
+    // contiguous floats at a time.
     kt.clear();
     kt.resize(hd * lenp, 0.0);
-    for j in 0..len {
-        let key = unsafe { std::slice::from_raw_parts(k.add(j * in_stride), hd) };
-        for (d, &x) in key.iter().enumerate() {
-            kt[d * lenp + j] = x;
+    for j0 in (0..len).step_by(8) {
+        let rows = 8.min(len - j0);
+        for d in 0..hd {
+            for j in j0..j0 + rows {
+                kt[d * lenp + j] = unsafe { *k.add(j * in_stride + d) };
+            }
         }
     }
+    packed_v.clear();
+    for j in 0..len {
+        packed_v.extend_from_slice(unsafe { std::slice::from_raw_parts(v.add(j * in_stride), hd) });
+    }
+    let (v, in_stride_v) = (packed_v.as_ptr(), hd);
     scores.clear();
     scores.resize(QUERY_BLOCK * lenp, 0.0);
     let mut inv_sum = [0f32; QUERY_BLOCK];
@@ -160,7 +181,7 @@ unsafe fn attend<T: V>(
                 p: p.as_ptr(),
                 lenp,
                 v,
-                in_stride,
+                v_stride: in_stride_v,
                 len,
                 out: o,
                 out_stride,
@@ -238,8 +259,9 @@ struct ValueRows {
     /// Row `i`'s `len` probabilities at `p + i * lenp`.
     p: *const f32,
     lenp: usize,
+    /// Value row `j` at `v + j * v_stride`.
     v: *const f32,
-    in_stride: usize,
+    v_stride: usize,
     len: usize,
     out: *mut f32,
     out_stride: usize,
@@ -262,7 +284,7 @@ unsafe fn value_rows<T: V, const R: usize>(io: ValueRows, hd: usize, inv: &[f32]
         for (i, &inv) in inv.iter().enumerate().take(R) {
             let mut sum = 0f32;
             for j in 0..io.len {
-                unsafe { sum += *io.p.add(i * io.lenp + j) * *io.v.add(j * io.in_stride + col) };
+                unsafe { sum += *io.p.add(i * io.lenp + j) * *io.v.add(j * io.v_stride + col) };
             }
             unsafe { *io.out.add(i * io.out_stride + col) = sum * inv };
         }
@@ -277,7 +299,7 @@ unsafe fn value_tile<T: V, const R: usize, const N: usize>(io: ValueRows, inv: &
         for j in 0..io.len {
             let mut values = [T::splat(0.0); N];
             for (n, value) in values.iter_mut().enumerate() {
-                *value = T::load(io.v.add(j * io.in_stride + c + n * T::W));
+                *value = T::load(io.v.add(j * io.v_stride + c + n * T::W));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let p = T::splat(*io.p.add(i * io.lenp + j));
@@ -302,22 +324,12 @@ mod x86 {
     use crate::simd::{F256, F512};
 
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend_512(
-        io: HeadIo,
-        bias: Option<RowBias<'_>>,
-        kt: &mut Vec<f32>,
-        scores: &mut Vec<f32>,
-    ) {
-        unsafe { attend::<F512>(io, bias, kt, scores) }
+    pub(super) unsafe fn attend_512(io: HeadIo, bias: Option<RowBias<'_>>, scratch: &mut Scratch) {
+        unsafe { attend::<F512>(io, bias, scratch) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_256(
-        io: HeadIo,
-        bias: Option<RowBias<'_>>,
-        kt: &mut Vec<f32>,
-        scores: &mut Vec<f32>,
-    ) {
-        unsafe { attend::<F256>(io, bias, kt, scores) }
+    pub(super) unsafe fn attend_256(io: HeadIo, bias: Option<RowBias<'_>>, scratch: &mut Scratch) {
+        unsafe { attend::<F256>(io, bias, scratch) }
     }
 }

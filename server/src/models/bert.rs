@@ -605,6 +605,20 @@ impl Norm {
     }
 }
 
+/// [`Int8Model`]'s intermediate activations, kept per thread between batches (a batch worker
+/// runs one batch at a time), so a batch allocates only its output.
+#[derive(Default)]
+struct Workspace {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    y: Vec<f32>,
+    inter: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::default();
+}
+
 /// The encoder for int8 weights on the CPU, on `qmodel-kernels` over plain `f32` buffers: int8
 /// GEMMs (per-output-channel weights, per-token activations) for every linear layer, with Q,
 /// K and V fused into one `[3 * hidden, hidden]` weight (the `1/sqrt(head_dim)` score scale
@@ -750,7 +764,7 @@ impl Int8Model {
         &self,
         config: &Config,
         inputs: &Inputs,
-        mut observed: Option<&mut [Vec<f32>]>,
+        observed: Option<&mut [Vec<f32>]>,
     ) -> anyhow::Result<Vec<f32>> {
         let (h, ff) = (config.hidden_size, config.intermediate_size);
         let tokens = inputs.ids.len();
@@ -770,28 +784,52 @@ impl Int8Model {
             }
         }
         self.norm.apply(&mut x);
-        let mut qkv = vec![0f32; tokens * 3 * h];
-        let mut context = vec![0f32; tokens * h];
-        let mut y = vec![0f32; tokens * h];
-        let mut inter = vec![0f32; FEED_FORWARD_CHUNK.min(tokens) * ff];
+        WORKSPACE.with_borrow_mut(|work| {
+            // Every buffer is written in full before it is read: sized, never cleared.
+            work.qkv.resize(tokens * 3 * h, 0.0);
+            work.context.resize(tokens * h, 0.0);
+            work.y.resize(tokens * h, 0.0);
+            work.inter.resize(FEED_FORWARD_CHUNK.min(tokens) * ff, 0.0);
+            self.layers_forward(config, inputs, &mut x, work, observed);
+        });
+        Ok(x)
+    }
+
+    /// The encoder layers over the embedded tokens `x`, in place.
+    fn layers_forward(
+        &self,
+        config: &Config,
+        inputs: &Inputs,
+        x: &mut [f32],
+        work: &mut Workspace,
+        mut observed: Option<&mut [Vec<f32>]>,
+    ) {
+        let (h, ff) = (config.hidden_size, config.intermediate_size);
+        let tokens = inputs.ids.len();
+        let Workspace {
+            qkv,
+            context,
+            y,
+            inter,
+        } = work;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(max) = observed.as_deref_mut() {
-                raise_to_abs_max(&mut max[2 * i], &x);
+                raise_to_abs_max(&mut max[2 * i], x);
             }
-            layer.qkv.forward(&x, tokens, Activation::None, &mut qkv);
+            layer.qkv.forward(x, tokens, Activation::None, qkv);
             attention(
-                &qkv,
+                qkv,
                 inputs.lens,
                 config.num_attention_heads,
                 h,
                 inputs.relative_bias,
-                &mut context,
+                context,
             );
             layer
                 .attention_out
-                .forward(&context, tokens, Activation::None, &mut y);
-            y.iter_mut().zip(&x).for_each(|(y, x)| *y += x);
-            layer.attention_norm.apply(&mut y);
+                .forward(context, tokens, Activation::None, y);
+            y.iter_mut().zip(x.iter()).for_each(|(y, x)| *y += x);
+            layer.attention_norm.apply(y);
             // Feed-forward in chunks of tokens, bounding the 4x-wide intermediate buffer.
             for start in (0..tokens).step_by(FEED_FORWARD_CHUNK) {
                 let n = FEED_FORWARD_CHUNK.min(tokens - start);
@@ -807,7 +845,6 @@ impl Int8Model {
                 layer.output_norm.apply(out);
             }
         }
-        Ok(x)
     }
 
     fn score(&self, hidden: &[f32], h: usize, lens: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
