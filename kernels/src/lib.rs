@@ -81,8 +81,8 @@ pub use gemm::{
     linear_quant_with, linear_with, quantize_rows_i8,
 };
 pub use ops::{
-    dot_with, exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
-    layer_norm_rows_with, softmax_rows_inplace, softmax_rows_inplace_with,
+    exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
+    layer_norm_rows_with, matmul_nt_with, softmax_rows_inplace, softmax_rows_inplace_with,
 };
 pub use pool::{DEFAULT_SPIN, ThreadPool};
 pub use weight::{

@@ -227,35 +227,71 @@ unsafe fn layer_norm_slice<T: V>(x: &mut [f32], gamma: &[f32], beta: &[f32], eps
     }
 }
 
-/// `a . b` with four independent vector accumulators (FMA latency), in a fixed order for a
-/// given path and length.
+/// `out[r][i] = x[r] . w[i]` (F32, `w` row-major `[n, k]`). Each product runs on two vector
+/// chains in a fixed order whatever tile its row falls in, so a row's result does not depend on
+/// the other rows; tiles of 4 rows share each load of `w`, 8 FMA chains cover FMA latency.
 #[inline(always)]
-unsafe fn dot_slice<T: V>(a: &[f32], b: &[f32]) -> f32 {
-    const CHAINS: usize = 4;
-    let (n, pa, pb) = (a.len(), a.as_ptr(), b.as_ptr());
-    let mut acc = [T::splat(0.0); CHAINS];
-    let mut i = 0;
-    unsafe {
-        while i + CHAINS * T::W <= n {
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let j = i + c * T::W;
-                *acc = T::load(pa.add(j)).mul_add(T::load(pb.add(j)), *acc);
+unsafe fn matmul_nt_slice<T: V>(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    const TILE: usize = 4;
+    let rows = x.len() / k;
+    let n = w.len() / k;
+    for (i, w) in w.chunks_exact(k).enumerate() {
+        let mut r = 0;
+        while r < rows {
+            let t = (rows - r).min(TILE);
+            let (x, out) = (&x[r * k..], &mut out[r * n + i..]);
+            unsafe {
+                match t {
+                    4 => dot_tile::<T, 4>(x, k, w, out, n),
+                    3 => dot_tile::<T, 3>(x, k, w, out, n),
+                    2 => dot_tile::<T, 2>(x, k, w, out, n),
+                    _ => dot_tile::<T, 1>(x, k, w, out, n),
+                }
             }
-            i += CHAINS * T::W;
-        }
-        while i + T::W <= n {
-            acc[0] = T::load(pa.add(i)).mul_add(T::load(pb.add(i)), acc[0]);
-            i += T::W;
-        }
-        if i < n {
-            let (x, y) = (
-                T::load_part(pa.add(i), n - i, 0.0),
-                T::load_part(pb.add(i), n - i, 0.0),
-            );
-            acc[1] = x.mul_add(y, acc[1]);
+            r += t;
         }
     }
-    acc[0].add(acc[1]).add(acc[2].add(acc[3])).hsum()
+}
+
+/// `out[t * n] = x[t] . w` for `R` rows of `x` (`k` apart).
+#[inline(always)]
+unsafe fn dot_tile<T: V, const R: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    out: &mut [f32],
+    n: usize,
+) {
+    let (px, pw) = (x.as_ptr(), w.as_ptr());
+    let mut acc = [[T::splat(0.0); 2]; R];
+    let mut i = 0;
+    unsafe {
+        while i + 2 * T::W <= k {
+            for c in 0..2 {
+                let wv = T::load(pw.add(i + c * T::W));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    acc[c] = T::load(px.add(t * k + i + c * T::W)).mul_add(wv, acc[c]);
+                }
+            }
+            i += 2 * T::W;
+        }
+        if i + T::W <= k {
+            let wv = T::load(pw.add(i));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                acc[0] = T::load(px.add(t * k + i)).mul_add(wv, acc[0]);
+            }
+            i += T::W;
+        }
+        if i < k {
+            let wv = T::load_part(pw.add(i), k - i, 0.0);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                acc[1] = T::load_part(px.add(t * k + i), k - i, 0.0).mul_add(wv, acc[1]);
+            }
+        }
+    }
+    for (t, [a, b]) in acc.into_iter().enumerate() {
+        out[t * n] = a.add(b).hsum();
+    }
 }
 
 macro_rules! dispatch_f32 {
@@ -298,12 +334,12 @@ mod x86 {
         unsafe { softmax_slice::<F256>(x, n) }
     }
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dot_512(a: &[f32], b: &[f32]) -> f32 {
-        unsafe { dot_slice::<F512>(a, b) }
+    pub(super) unsafe fn matmul_nt_512(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+        unsafe { matmul_nt_slice::<F512>(x, k, w, out) }
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_256(a: &[f32], b: &[f32]) -> f32 {
-        unsafe { dot_slice::<F256>(a, b) }
+    pub(super) unsafe fn matmul_nt_256(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+        unsafe { matmul_nt_slice::<F256>(x, k, w, out) }
     }
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn ln_512(x: &mut [f32], g: &[f32], b: &[f32], eps: f32) {
@@ -342,12 +378,26 @@ pub fn softmax_rows_inplace_with(path: Path, x: &mut [f32], row_len: usize) {
     dispatch_f32!(path, softmax_slice, softmax_512, softmax_256, (x, row_len))
 }
 
-/// `a . b` on a given path (panics if the CPU lacks it), FMA where the ISA has it: the same
-/// result for the same path and inputs, whatever the call site (a token's product does not
-/// depend on the batch around it).
-pub fn dot_with(path: Path, a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot: lengths differ");
-    dispatch_f32!(path, dot_slice, dot_512, dot_256, (a, b))
+/// `out[r][i] = x[r] . w[i]` in F32 on a given path (panics if the CPU lacks it): `x` is
+/// `[rows, k]`, `w` `[n, k]`, `out` `[rows, n]`, all row-major. FMA where the ISA has it; a
+/// row's results are the same for the same path whatever rows come with it (batch-invariant).
+pub fn matmul_nt_with(path: Path, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+    assert!(
+        k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),
+        "matmul_nt: x and w must be whole rows of k"
+    );
+    assert_eq!(
+        out.len(),
+        x.len() / k * (w.len() / k),
+        "matmul_nt: out must be rows x n"
+    );
+    dispatch_f32!(
+        path,
+        matmul_nt_slice,
+        matmul_nt_512,
+        matmul_nt_256,
+        (x, k, w, out)
+    )
 }
 
 /// LayerNorm over each row of `gamma.len()` values, in place:

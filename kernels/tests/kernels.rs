@@ -670,6 +670,47 @@ fn attention_matches_reference() {
     }
 }
 
+/// The F32 product against f64, and each row's result the same bits alone as in any batch.
+#[test]
+fn matmul_nt_matches_reference_and_is_batch_invariant() {
+    let mut rng = Rng(13);
+    for path in paths() {
+        for &(rows, k, n) in &[
+            (1, 384, 3),
+            (7, 384, 36),
+            (16, 100, 5),
+            (5, 13, 2),
+            (9, 1, 1),
+        ] {
+            let x = rng.vec(rows * k, Rng::act);
+            let w = rng.vec(n * k, |r| r.uniform() * 0.1);
+            let mut out = vec![0f32; rows * n];
+            matmul_nt_with(path, &x, k, &w, &mut out);
+            for r in 0..rows {
+                for i in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| x[r * k + j] as f64 * w[i * k + j] as f64)
+                        .sum();
+                    let scale: f64 = (0..k)
+                        .map(|j| (x[r * k + j] as f64 * w[i * k + j] as f64).abs())
+                        .sum();
+                    let got = out[r * n + i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * scale + 1e-7,
+                        "path {path} {rows}x{k}x{n} [{r}][{i}]: {got} vs {want}"
+                    );
+                }
+                let mut alone = vec![0f32; n];
+                matmul_nt_with(path, &x[r * k..(r + 1) * k], k, &w, &mut alone);
+                assert!(
+                    same_bits(&alone, &out[r * n..(r + 1) * n]),
+                    "path {path}: row {r} depends on the batch"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn layer_norm_matches_reference() {
     let mut rng = Rng(9);

@@ -24,8 +24,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use memmap2::Mmap;
 use qmodel_kernels::{
-    Activation, Exec, InputQuant, QuantizedWeight, dot_with, gelu_inplace_with, linear_quant_with,
-    linear_with, quantize_rows_i8,
+    Activation, Exec, InputQuant, QuantizedWeight, gelu_inplace_with, linear_quant_with,
+    linear_with, matmul_nt_with, quantize_rows_i8,
 };
 
 use crate::artifact::{Pooling, Precision};
@@ -784,21 +784,30 @@ pub struct OutlierRows {
 
 impl OutlierRows {
     /// Adds the rows' products to `out` (`[tokens, out_features]`) for input `x` (`[tokens,
-    /// in]`), tokens split over the kernels' pool; each product is the kernels' `dot_with` (a
-    /// fixed order per path), so a token's result is the same whatever else is in the batch.
+    /// in]`), tokens split over the kernels' pool; the products are the kernels'
+    /// `matmul_nt_with`, whose result for a token does not depend on the tokens around it.
     fn add_to(&self, x: &[f32], tokens: usize, out_features: usize, out: &mut [f32]) {
         const TOKENS_PER_TASK: usize = 16;
         let k = x.len() / tokens.max(1);
         assert!(x.len() == tokens * k && out.len() == tokens * out_features);
         let shared = SharedOut(out.as_mut_ptr());
         let path = Exec::global().path;
+        let n = self.rows.len();
         qmodel_kernels::ThreadPool::global().run(tokens.div_ceil(TOKENS_PER_TASK), &|task| {
             let first = task * TOKENS_PER_TASK;
-            for t in first..(first + TOKENS_PER_TASK).min(tokens) {
-                let x = &x[t * k..(t + 1) * k];
-                for (&r, w) in self.rows.iter().zip(self.weight.chunks_exact(k)) {
+            let last = (first + TOKENS_PER_TASK).min(tokens);
+            let mut products = vec![0f32; (last - first) * n];
+            matmul_nt_with(
+                path,
+                &x[first * k..last * k],
+                k,
+                &self.weight,
+                &mut products,
+            );
+            for (t, products) in (first..last).zip(products.chunks_exact(n)) {
+                for (&r, p) in self.rows.iter().zip(products) {
                     // SAFETY: token t's row of `out` (checked above) is this task's alone.
-                    unsafe { *shared.ptr().add(t * out_features + r) += dot_with(path, x, w) };
+                    unsafe { *shared.ptr().add(t * out_features + r) += p };
                 }
             }
         });
