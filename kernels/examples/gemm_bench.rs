@@ -2,13 +2,14 @@
 //!
 //! `cargo run --release -p qmodel-kernels --example gemm_bench [-- --reps N] [--quick]`
 //!
-//! Prints, per shape and thread count: our INT8 GOP/s (AVX-512 VNNI path and
-//! AVX2 path), f32 GFLOP/s, the ratio, and the fraction of the INT8 peak
-//! *measured in this process* (a `vpdpbusd` throughput loop) plus the
-//! theoretical figure from the measured clock. Medians over interleaved reps.
+//! Prints, per shape and thread count: our INT8 GOP/s (best path and AVX2
+//! path), f32 GFLOP/s, the ratio, and the fraction of the INT8 peak
+//! *measured in this process* (`qmodel_kernels::measure_peak` of the best
+//! path: `vpdpbusd`, the AVX2 triple, `sdot` / `smmla`) plus the theoretical
+//! figure from the measured clock. Medians over interleaved reps.
 
 use qmodel_kernels::{Activation, Exec, Path, QuantizedWeight, ThreadPool, linear_with};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn min(v: Vec<f64>) -> f64 {
     v.into_iter().fold(f64::INFINITY, f64::min)
@@ -20,27 +21,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod peak {
+mod fp {
     use std::arch::x86_64::*;
-
-    /// 24 independent vpdpbusd chains (covers latency x throughput): 24 * 64 MAC * 2 ops per iteration.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub unsafe fn vnni(iters: usize, seed: i32) -> i32 {
-        let a = _mm512_set1_epi32(seed);
-        let b = _mm512_set1_epi32(seed ^ 0x0101);
-        let mut acc = [_mm512_setzero_si512(); 24];
-        for _ in 0..iters {
-            for x in acc.iter_mut() {
-                *x = _mm512_dpbusd_epi32(*x, a, b);
-            }
-        }
-        let mut s = acc[0];
-        for x in &acc[1..] {
-            s = _mm512_add_epi32(s, *x);
-        }
-        _mm512_reduce_add_epi32(s)
-    }
-    pub const VNNI_OPS_PER_ITER: f64 = 24.0 * 64.0 * 2.0;
 
     /// 24 independent zmm FMA chains: 24 * 16 * 2 flops per iteration.
     #[target_feature(enable = "avx512f")]
@@ -80,57 +62,36 @@ mod peak {
     }
 }
 
-struct Peak {
-    ghz: f64,
-    vnni_gops_1t: f64,
-    fma_gflops_1t: f64,
-}
-
+/// (clock GHz, 1-core zmm FMA GFLOP/s): best (min) thread-CPU time of interleaved reps; the
+/// machine is shared, wall time would measure the neighbours.
 #[cfg(target_arch = "x86_64")]
-fn measure_peak(reps: usize) -> Peak {
+fn clock_and_fma(reps: usize) -> (f64, f64) {
     use std::hint::black_box;
-    // Capability figures: best (min) thread-CPU time of interleaved reps; the
-    // machine is shared, wall time would measure the neighbours.
     let n = 100_000_000u64;
     let it = 1_000_000;
-    let has = Path::Avx512Vnni.is_supported();
-    let (mut tc, mut tv, mut tf) = (Samples::default(), Samples::default(), Samples::default());
+    let has = std::is_x86_feature_detected!("avx512f");
+    let (mut tc, mut tf) = (Samples::default(), Samples::default());
     for _ in 0..reps.max(5) {
         tc.push(rep(0.03, || {
-            black_box(peak::clock_chain(black_box(n / 10)));
+            black_box(fp::clock_chain(black_box(n / 10)));
         }));
         if has {
-            tv.push(rep(0.03, || {
-                black_box(unsafe { peak::vnni(it, black_box(3)) });
-            }));
             tf.push(rep(0.03, || {
-                black_box(unsafe { peak::fma(it, black_box(1.0)) });
+                black_box(unsafe { fp::fma(it, black_box(1.0)) });
             }));
         }
     }
-    let ghz = n as f64 / min(tc.cpu) / 1e9;
-    let (vnni, fma) = if has {
-        (
-            peak::VNNI_OPS_PER_ITER * it as f64 / min(tv.cpu) / 1e9,
-            peak::FMA_FLOPS_PER_ITER * it as f64 / min(tf.cpu) / 1e9,
-        )
+    let fma = if has {
+        fp::FMA_FLOPS_PER_ITER * it as f64 / min(tf.cpu) / 1e9
     } else {
-        (f64::NAN, f64::NAN)
+        f64::NAN
     };
-    Peak {
-        ghz,
-        vnni_gops_1t: vnni,
-        fma_gflops_1t: fma,
-    }
+    (n as f64 / min(tc.cpu) / 1e9, fma)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn measure_peak(_: usize) -> Peak {
-    Peak {
-        ghz: f64::NAN,
-        vnni_gops_1t: f64::NAN,
-        fma_gflops_1t: f64::NAN,
-    }
+fn clock_and_fma(_: usize) -> (f64, f64) {
+    (f64::NAN, f64::NAN)
 }
 
 fn f32_gemm(m: usize, k: usize, n: usize, x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
@@ -256,16 +217,24 @@ fn main() {
         "supported paths: {:?}; {reps} interleaved reps per point",
         Path::supported()
     );
-    let pk = measure_peak(reps);
+    let (ghz, fma_gflops_1t) = clock_and_fma(reps);
+    // The best path's 1-thread int8 peak (best of the library's wall-time reps); NaN without one.
+    let int8 = qmodel_kernels::measure_peak(Path::best(), 1, Duration::from_millis(500));
+    let int8_gops_1t = int8.map_or(f64::NAN, |p| p.gops);
+    let int8_line = int8.map_or(format!("no int8 peak loop for {}", Path::best()), |p| {
+        format!(
+            "1-core {} int8 peak ({}) {:.0} GOP/s (= {:.0} ops/cycle at that clock)",
+            p.path,
+            p.instructions,
+            p.gops,
+            p.gops / ghz
+        )
+    });
     println!(
-        "measured (best of reps): clock ~{:.2} GHz (dependent-add chain); 1-core vpdpbusd zmm {:.0} GOP/s \
-         (= {:.2} instr/cycle at that clock), zmm FMA {:.0} GFLOP/s (= {:.2}/cycle); INT8/F32 peak ratio {:.2}",
-        pk.ghz,
-        pk.vnni_gops_1t,
-        pk.vnni_gops_1t / pk.ghz / 128.0,
-        pk.fma_gflops_1t,
-        pk.fma_gflops_1t / pk.ghz / 32.0,
-        pk.vnni_gops_1t / pk.fma_gflops_1t
+        "measured (best of reps): clock ~{ghz:.2} GHz (dependent-add chain); {int8_line}; zmm FMA \
+         {fma_gflops_1t:.0} GFLOP/s (= {:.2}/cycle); INT8/F32 peak ratio {:.2}",
+        fma_gflops_1t / ghz / 32.0,
+        int8_gops_1t / fma_gflops_1t
     );
     println!(
         "theoretical INT8 peak per core: Zen 4 (512-bit double-pumped, 1 vpdpbusd zmm/cycle) 128 OP/cycle, \
@@ -278,7 +247,7 @@ fn main() {
         "GOP/s = 2*M*N*K / time. Primary figures use CPU time (median of reps), robust on a shared machine:\n\
          1 thread: the calling thread's CPU time; 2 threads: whole-process CPU time, i.e. GOP per CPU-second\n\
          (parallel efficiency incl. spinning/imbalance; x2 = expected wall rate on 2 idle cores).\n\
-         %peak = CPU-time GOP/s / measured 1-core vpdpbusd peak. Wall columns: median (best) GOP/s on this busy box.\n"
+         %peak = CPU-time GOP/s / measured 1-core int8 peak of the best path. Wall columns: median (best) GOP/s on this busy box.\n"
     );
 
     let ms: &[usize] = if quick {
@@ -352,7 +321,7 @@ fn main() {
                 let mut line = format!(
                     "| {m} | {k}->{n} | {name} | {threads} | {:.0} | {:.0}% | {:.0} | {:.1}x | {:.0} ({:.0}) | {:.0} ({:.0}) |",
                     gop / ci,
-                    100.0 * gop / ci / pk.vnni_gops_1t,
+                    100.0 * gop / ci / int8_gops_1t,
                     gop / cf,
                     cf / ci,
                     gop / si8.med(),

@@ -10,6 +10,9 @@
 //! - f32 helpers: [`gelu_inplace`], [`softmax_rows_inplace`], [`layer_norm_rows`], and
 //!   [`attend_head`], fused attention of one head (scores, softmax and values by query block).
 //! - [`ThreadPool`]: one small persistent pool (caller + parked workers).
+//! - [`measure_peak`]: a path's int8 peak measured on this machine ([`Peak`], int8 GOP/s of
+//!   an in-register loop of the path's multiply-accumulate instructions on N threads), the
+//!   denominator of the benchmarks' "fraction of peak".
 //! - [`Path`]: runtime dispatch AMX / AVX-512 VNNI / AVX2 (x86-64), i8mm / dotprod
 //!   (aarch64) / scalar; force with
 //!   `QMODEL_KERNEL=amx|avx512vnni|avx2|neon-i8mm|neon-dot|scalar` (read once) or per call
@@ -70,6 +73,7 @@ mod attention;
 mod dispatch;
 mod gemm;
 mod ops;
+mod peak;
 mod pool;
 mod simd;
 mod weight;
@@ -84,6 +88,7 @@ pub use ops::{
     exp_scalar, gelu_inplace, gelu_inplace_with, gelu_scalar, layer_norm_rows,
     layer_norm_rows_with, matmul_nt_with, softmax_rows_inplace, softmax_rows_inplace_with,
 };
+pub use peak::{Peak, measure_peak};
 pub use pool::{DEFAULT_SPIN, ThreadPool};
 pub use weight::{
     FormatError, KGROUP, LAYOUT_VERSION, MAX_IN_FEATURES, PANEL, QuantizedWeight, WeightView,
