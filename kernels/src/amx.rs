@@ -472,7 +472,6 @@ fn self_check(kernel: TileFn) -> Result<(), String> {
 
 /// Multiply-accumulates per [`peak_tdp`] iteration: four `tdpbssd`, each 16 rows x 16
 /// channels x 64 k.
-#[allow(dead_code, reason = "for the peak measurement (peak.rs)")]
 pub(crate) const PEAK_MACS_PER_ITER: u64 = 4 * (ROWS * PANEL * COLSB) as u64;
 
 /// The AMX int8 peak loop: `iters` x 4 independent `tdpbssd` (C tmm0-3 from A tmm4/5 and B
@@ -481,7 +480,6 @@ pub(crate) const PEAK_MACS_PER_ITER: u64 = 4 * (ROWS * PANEL * COLSB) as u64;
 ///
 /// # Safety
 /// `Path::Amx` must be supported.
-#[allow(dead_code, reason = "for the peak measurement (peak.rs)")]
 pub(crate) unsafe fn peak_tdp(iters: u64, a: i8, b: i8) -> i32 {
     unsafe { peak_loop(&mut Hw, iters, a, b) }
 }

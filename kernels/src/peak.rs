@@ -9,6 +9,7 @@
 //!
 //! | path | instructions timed | MACs per instruction (group) |
 //! |---|---|---|
+//! | [`Path::Amx`] | `tdpbssd` on 16 x 64-byte tiles, 4 accumulator tiles | 16,384 |
 //! | [`Path::Avx512Vnni`] | `vpdpbusd` zmm, 24 accumulators | 64 |
 //! | [`Path::Avx2`] | `vpmaddubsw` + `vpmaddwd` (by ones) + `vpaddd` ymm, 8 accumulators | 32 per triple |
 //! | [`Path::NeonDot`] | `sdot` (vector form), 24 accumulators | 16 |
@@ -16,8 +17,7 @@
 //!
 //! The AVX2 triple is the cheapest exact int8 sequence on AVX2 (ONNX Runtime's MLAS uses the
 //! same); our AVX2 kernel adds a `vpsignb` per product on top of it. Other paths (the scalar
-//! one, paths this CPU or architecture lacks, and [`Path::Amx`] until its tile loop is added
-//! here) have no peak: [`measure_peak`] returns `None`. The scalar kernel is whatever the
+//! one, paths this CPU or architecture lacks) have no peak: [`measure_peak`] returns `None`. The scalar kernel is whatever the
 //! compiler made of plain Rust, so a hand-picked instruction loop would not be its ceiling.
 //!
 //! The loops are inline assembly (the compiler can neither hoist nor drop them), and each
@@ -70,6 +70,12 @@ impl Loop {
         }
         match path {
             #[cfg(target_arch = "x86_64")]
+            Path::Amx => Some(Loop {
+                instructions: "tdpbssd 16x64 tiles",
+                macs_per_iter: crate::gemm::amx::PEAK_MACS_PER_ITER,
+                run: crate::gemm::amx::peak_tdp,
+            }),
+            #[cfg(target_arch = "x86_64")]
             Path::Avx512Vnni => Some(Loop {
                 instructions: "vpdpbusd zmm",
                 macs_per_iter: 24 * 64,
@@ -93,7 +99,7 @@ impl Loop {
                 macs_per_iter: 24 * 32,
                 run: arm::smmla,
             }),
-            // Scalar, the other architecture's paths, and AMX (no tile loop here yet).
+            // Scalar and the other architecture's paths.
             _ => None,
         }
     }
