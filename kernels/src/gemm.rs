@@ -731,9 +731,12 @@ mod x86 {
     }
 
     // ---------------- AVX2 ----------------
-    const MR256: usize = 4;
+    /// Rows x panels of the micro-tile: 2 rows x 32 channels = 8 accumulators; each row's
+    /// `vpabsb` serves four weight vectors.
+    const MR256: usize = 2;
+    const NR256: usize = 2;
 
-    /// One panel (16 channels = 2 ymm) x MR rows.
+    /// `NR` panels (16 channels = 2 ymm each) x `MR` rows.
     #[inline(always)]
     unsafe fn block256<const MR: usize, const NR: usize>(
         a: Acts,
@@ -742,51 +745,58 @@ mod x86 {
         p: usize,
         out: Out,
     ) {
-        debug_assert_eq!(NR, 1);
         unsafe {
             let k4 = w.k4();
             let kg = k4 / 4;
-            let b = w.packed.as_ptr().add(p * k4 * PANEL);
+            let ldb = k4 * PANEL;
+            let b = w.packed.as_ptr().add(p * ldb);
             let zero = a.zero.add(r);
             let a = a.bytes.add(r * k4);
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            let mut acc = [[[_mm256_setzero_si256(); 2]; NR]; MR];
             for g in 0..kg {
-                let b0 = _mm256_loadu_si256(b.add(g * 64) as *const __m256i);
-                let b1 = _mm256_loadu_si256(b.add(g * 64 + 32) as *const __m256i);
+                let mut bv = [[_mm256_setzero_si256(); 2]; NR];
+                for (j, bv) in bv.iter_mut().enumerate() {
+                    bv[0] = _mm256_loadu_si256(b.add(j * ldb + g * 64) as *const __m256i);
+                    bv[1] = _mm256_loadu_si256(b.add(j * ldb + g * 64 + 32) as *const __m256i);
+                }
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let av =
                         _mm256_set1_epi32((a.add(i * k4 + g * 4) as *const i32).read_unaligned());
                     let aabs = _mm256_abs_epi8(av);
-                    let p0 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b0, av));
-                    let p1 = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(b1, av));
-                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(p0, ones));
-                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(p1, ones));
+                    for (acc, bv) in acc.iter_mut().zip(&bv) {
+                        for (acc, &bv) in acc.iter_mut().zip(bv) {
+                            let p = _mm256_maddubs_epi16(aabs, _mm256_sign_epi8(bv, av));
+                            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
+                        }
+                    }
                 }
             }
-            for h in 0..2 {
-                let n0 = p * PANEL + h * 8;
-                if n0 >= w.n {
-                    break;
-                }
-                let nv = (w.n - n0).min(8);
-                let sums = _mm256_loadu_si256(w.row_sums.as_ptr().add(n0) as *const __m256i);
-                for (i, acc) in acc.iter().enumerate() {
-                    let corr = _mm256_mullo_epi32(sums, _mm256_set1_epi32(*zero.add(i)));
-                    let v = _mm256_sub_epi32(acc[h], corr);
-                    match out {
-                        Out::I32 { ptr } => {
-                            let dst = ptr.get().add((r + i) * w.n + n0);
-                            if nv == 8 {
-                                _mm256_storeu_si256(dst as *mut __m256i, v);
-                            } else {
-                                let mut tmp = [0i32; 8];
-                                _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, v);
-                                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, nv);
+            for j in 0..NR {
+                for h in 0..2 {
+                    let n0 = (p + j) * PANEL + h * 8;
+                    if n0 >= w.n {
+                        break;
+                    }
+                    let nv = (w.n - n0).min(8);
+                    let sums = _mm256_loadu_si256(w.row_sums.as_ptr().add(n0) as *const __m256i);
+                    for (i, acc) in acc.iter().enumerate() {
+                        let corr = _mm256_mullo_epi32(sums, _mm256_set1_epi32(*zero.add(i)));
+                        let v = _mm256_sub_epi32(acc[j][h], corr);
+                        match out {
+                            Out::I32 { ptr } => {
+                                let dst = ptr.get().add((r + i) * w.n + n0);
+                                if nv == 8 {
+                                    _mm256_storeu_si256(dst as *mut __m256i, v);
+                                } else {
+                                    let mut tmp = [0i32; 8];
+                                    _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, v);
+                                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, nv);
+                                }
                             }
-                        }
-                        Out::F32 { .. } => {
-                            epilogue::<F256>(F256(_mm256_cvtepi32_ps(v)), r + i, n0, nv, w, out)
+                            Out::F32 { .. } => {
+                                epilogue::<F256>(F256(_mm256_cvtepi32_ps(v)), r + i, n0, nv, w, out)
+                            }
                         }
                     }
                 }
@@ -804,20 +814,23 @@ mod x86 {
         p1: usize,
         out: Out,
     ) {
-        for p in p0..p1 {
+        let mut p = p0;
+        while p < p1 {
+            let nr = (p1 - p).min(NR256);
             let mut r = r0;
             while r < r1 {
                 let mr = (r1 - r).min(MR256);
                 unsafe {
-                    match mr {
-                        4 => block256::<4, 1>(a, &w, r, p, out),
-                        3 => block256::<3, 1>(a, &w, r, p, out),
-                        2 => block256::<2, 1>(a, &w, r, p, out),
+                    match (mr, nr) {
+                        (2, 2) => block256::<2, 2>(a, &w, r, p, out),
+                        (2, _) => block256::<2, 1>(a, &w, r, p, out),
+                        (_, 2) => block256::<1, 2>(a, &w, r, p, out),
                         _ => block256::<1, 1>(a, &w, r, p, out),
                     }
                 }
                 r += mr;
             }
+            p += nr;
         }
     }
 }
