@@ -284,66 +284,52 @@ mod arm {
     use std::arch::aarch64::*;
     use std::arch::asm;
 
-    /// 24 independent `sdot` chains in v0-23 (a in v24, b in v25).
-    #[target_feature(enable = "neon,dotprod")]
-    pub(super) unsafe fn sdot(iters: u64, a: i8, b: i8) -> i32 {
-        let (va, vb) = (vdupq_n_s8(a), vdupq_n_s8(b));
-        let sum: int32x4_t;
-        // SAFETY: register-only arithmetic; every vector register is declared clobbered.
-        unsafe {
-            asm!(
-                concat!(
-                    each!("movi v", ".16b, #0"; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18
-                        19 20 21 22 23),
-                    "2:\n",
-                    each!("sdot v", ".4s, v24.16b, v25.16b"; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14
-                        15 16 17 18 19 20 21 22 23),
-                    "subs x9, x9, #1\n",
-                    "b.ne 2b\n",
-                    each!("add v0.4s, v0.4s, v", ".4s"; 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
-                        17 18 19 20 21 22 23),
-                ),
-                inout("x9") iters => _,
-                in("v24") va,
-                in("v25") vb,
-                out("v0") sum,
-                clobber_abi("C"),
-                options(nomem, nostack),
-            );
-        }
-        // `addv` sums modulo 2^32, as the lanes wrap.
-        vaddvq_s32(sum)
+    /// `$name(iters, a, b)`: 24 independent chains of `$instr<i>.4s, v24.16b, v25.16b` in
+    /// v0-23 (`a` broadcast in v24, `b` in v25), then their lane sums.
+    macro_rules! chains24 {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $instr:literal) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(iters: u64, a: i8, b: i8) -> i32 {
+                let (va, vb) = (vdupq_n_s8(a), vdupq_n_s8(b));
+                let sum: int32x4_t;
+                // SAFETY: register-only arithmetic; every vector register is declared
+                // clobbered.
+                unsafe {
+                    asm!(
+                        concat!(
+                            each!("movi v", ".16b, #0"; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
+                                17 18 19 20 21 22 23),
+                            "2:\n",
+                            each!($instr, ".4s, v24.16b, v25.16b"; 0 1 2 3 4 5 6
+                                7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23),
+                            "subs x9, x9, #1\n",
+                            "b.ne 2b\n",
+                            each!("add v0.4s, v0.4s, v", ".4s"; 1 2 3 4 5 6 7 8 9 10 11 12 13 14
+                                15 16 17 18 19 20 21 22 23),
+                        ),
+                        inout("x9") iters => _,
+                        in("v24") va,
+                        in("v25") vb,
+                        out("v0") sum,
+                        clobber_abi("C"),
+                        options(nomem, nostack),
+                    );
+                }
+                // `addv` sums modulo 2^32, as the lanes wrap.
+                vaddvq_s32(sum)
+            }
+        };
     }
 
-    /// 24 independent `smmla` chains in v0-23 (a in v24, b in v25): 2 x 8 by 8 x 2 each.
-    #[target_feature(enable = "neon,i8mm")]
-    pub(super) unsafe fn smmla(iters: u64, a: i8, b: i8) -> i32 {
-        let (va, vb) = (vdupq_n_s8(a), vdupq_n_s8(b));
-        let sum: int32x4_t;
-        // SAFETY: register-only arithmetic; every vector register is declared clobbered.
-        unsafe {
-            asm!(
-                concat!(
-                    each!("movi v", ".16b, #0"; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18
-                        19 20 21 22 23),
-                    "2:\n",
-                    each!("smmla v", ".4s, v24.16b, v25.16b"; 0 1 2 3 4 5 6 7 8 9 10 11 12 13
-                        14 15 16 17 18 19 20 21 22 23),
-                    "subs x9, x9, #1\n",
-                    "b.ne 2b\n",
-                    each!("add v0.4s, v0.4s, v", ".4s"; 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
-                        17 18 19 20 21 22 23),
-                ),
-                inout("x9") iters => _,
-                in("v24") va,
-                in("v25") vb,
-                out("v0") sum,
-                clobber_abi("C"),
-                options(nomem, nostack),
-            );
-        }
-        vaddvq_s32(sum)
-    }
+    chains24!(
+        /// `sdot`: 4 x 4 int8 products per lane, 16 MACs per instruction.
+        sdot, "neon,dotprod", "sdot v"
+    );
+    chains24!(
+        /// `smmla`: a 2 x 8 by 8 x 2 int8 product per instruction, 32 MACs.
+        smmla, "neon,i8mm", "smmla v"
+    );
 }
 
 #[cfg(test)]

@@ -670,7 +670,8 @@ fn attention_matches_reference() {
     }
 }
 
-/// The F32 product against f64, and each row's result the same bits alone as in any batch.
+/// The F32 product against f64, in its documented order bit for bit on every path, and each
+/// row's result the same bits alone as in any batch.
 #[test]
 fn matmul_nt_matches_reference_and_is_batch_invariant() {
     let mut rng = Rng(13);
@@ -698,6 +699,23 @@ fn matmul_nt_matches_reference_and_is_batch_invariant() {
                     assert!(
                         (got - want).abs() <= 1e-6 * scale + 1e-7,
                         "path {path} {rows}x{k}x{n} [{r}][{i}]: {got} vs {want}"
+                    );
+                }
+                // The documented order, bit for bit: 16 lane sums, summed in lane order, then
+                // the tail.
+                for i in 0..n {
+                    let (xr, wr) = (&x[r * k..(r + 1) * k], &w[i * k..(i + 1) * k]);
+                    let body = k / 16 * 16;
+                    let mut lanes = [0f32; 16];
+                    for j in 0..body {
+                        lanes[j % 16] += xr[j] * wr[j];
+                    }
+                    let tail: f32 = xr[body..].iter().zip(&wr[body..]).map(|(a, b)| a * b).sum();
+                    let want = lanes.iter().sum::<f32>() + tail;
+                    assert_eq!(
+                        out[r * n + i].to_bits(),
+                        want.to_bits(),
+                        "path {path} [{r}][{i}]"
                     );
                 }
                 let mut alone = vec![0f32; n];
