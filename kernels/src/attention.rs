@@ -140,7 +140,7 @@ unsafe fn attend<T: V>(io: HeadIo, bias: Option<RowBias<'_>>, scratch: &mut Scra
     for j in 0..len {
         packed_v.extend_from_slice(unsafe { std::slice::from_raw_parts(v.add(j * in_stride), hd) });
     }
-    let (v, in_stride_v) = (packed_v.as_ptr(), hd);
+    let v = packed_v.as_ptr();
     scores.clear();
     scores.resize(QUERY_BLOCK * lenp, 0.0);
     let mut inv_sum = [0f32; QUERY_BLOCK];
@@ -181,7 +181,6 @@ unsafe fn attend<T: V>(io: HeadIo, bias: Option<RowBias<'_>>, scratch: &mut Scra
                 p: p.as_ptr(),
                 lenp,
                 v,
-                v_stride: in_stride_v,
                 len,
                 out: o,
                 out_stride,
@@ -259,9 +258,8 @@ struct ValueRows {
     /// Row `i`'s `len` probabilities at `p + i * lenp`.
     p: *const f32,
     lenp: usize,
-    /// Value row `j` at `v + j * v_stride`.
+    /// The packed values: row `j` at `v + j * head_dim`.
     v: *const f32,
-    v_stride: usize,
     len: usize,
     out: *mut f32,
     out_stride: usize,
@@ -273,18 +271,18 @@ struct ValueRows {
 unsafe fn value_rows<T: V, const R: usize>(io: ValueRows, hd: usize, inv: &[f32]) {
     let mut c = 0;
     while c + 2 * T::W <= hd {
-        unsafe { value_tile::<T, R, 2>(io, inv, c) };
+        unsafe { value_tile::<T, R, 2>(io, hd, inv, c) };
         c += 2 * T::W;
     }
     if c + T::W <= hd {
-        unsafe { value_tile::<T, R, 1>(io, inv, c) };
+        unsafe { value_tile::<T, R, 1>(io, hd, inv, c) };
         c += T::W;
     }
     for col in c..hd {
         for (i, &inv) in inv.iter().enumerate().take(R) {
             let mut sum = 0f32;
             for j in 0..io.len {
-                unsafe { sum += *io.p.add(i * io.lenp + j) * *io.v.add(j * io.v_stride + col) };
+                unsafe { sum += *io.p.add(i * io.lenp + j) * *io.v.add(j * hd + col) };
             }
             unsafe { *io.out.add(i * io.out_stride + col) = sum * inv };
         }
@@ -293,13 +291,18 @@ unsafe fn value_rows<T: V, const R: usize>(io: ValueRows, hd: usize, inv: &[f32]
 
 /// `R` rows x `N` vectors of value columns from `c`.
 #[inline(always)]
-unsafe fn value_tile<T: V, const R: usize, const N: usize>(io: ValueRows, inv: &[f32], c: usize) {
+unsafe fn value_tile<T: V, const R: usize, const N: usize>(
+    io: ValueRows,
+    hd: usize,
+    inv: &[f32],
+    c: usize,
+) {
     let mut acc = [[T::splat(0.0); N]; R];
     unsafe {
         for j in 0..io.len {
             let mut values = [T::splat(0.0); N];
             for (n, value) in values.iter_mut().enumerate() {
-                *value = T::load(io.v.add(j * io.v_stride + c + n * T::W));
+                *value = T::load(io.v.add(j * hd + c + n * T::W));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let p = T::splat(*io.p.add(i * io.lenp + j));

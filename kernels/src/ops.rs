@@ -378,8 +378,9 @@ pub fn softmax_rows_inplace_with(path: Path, x: &mut [f32], row_len: usize) {
 }
 
 /// `out[r][i] = x[r] . w[i]` in F32 on a given path (panics if the CPU lacks it): `x` is
-/// `[rows, k]`, `w` `[n, k]`, `out` `[rows, n]`, all row-major. FMA where the ISA has it; a
-/// row's results are the same for the same path whatever rows come with it (batch-invariant).
+/// `[rows, k]`, `w` `[n, k]`, `out` `[rows, n]`, all row-major. One summation order on every
+/// path (see `matmul_nt_slice`): the same bits whatever the path and whatever rows come with
+/// a row (batch-invariant).
 pub fn matmul_nt_with(path: Path, x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
     assert!(
         k > 0 && x.len().is_multiple_of(k) && w.len().is_multiple_of(k),

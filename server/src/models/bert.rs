@@ -13,7 +13,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::LayerNorm;
 use serde::Deserialize;
 
-use qmodel_kernels::{Activation, HeadIo, Path as KernelPath, ThreadPool, attend_head_with};
+use qmodel_kernels::{
+    Activation, HeadIo, Path as KernelPath, RowBias, ThreadPool, attend_head_with,
+};
 
 use super::mpnet::{BIAS_TABLE, RelativeAttention, RelativeBias};
 use super::{
@@ -926,11 +928,8 @@ fn attention(
     ThreadPool::global().run(lens.len() * heads, &|task| {
         let (input, head) = (task / heads, task % heads);
         let (start, len) = (starts[input], lens[input]);
-        let add_bias = |query: usize, scores: &mut [f32]| {
-            if let Some(bias) = bias {
-                bias.add_row(head, query, scores);
-            }
-        };
+        let add_bias = bias
+            .map(|bias| move |query: usize, scores: &mut [f32]| bias.add_row(head, query, scores));
         // SAFETY: Q, K and V of this input and head lie inside `qkv` (checked above: `len`
         // rows of `stride` from `start`, columns `head * hd..+hd` of each third); the output
         // block (rows `start..start + len`, columns `head * hd..+hd` of `context`) is this
@@ -947,7 +946,7 @@ fn attention(
                 len,
                 head_dim: hd,
             };
-            attend_head_with(path, io, bias.is_some().then_some(&add_bias));
+            attend_head_with(path, io, add_bias.as_ref().map(|f| f as RowBias));
         }
     });
 }
