@@ -31,6 +31,7 @@ use crate::simd::{F512, V};
 use crate::weight::{KGROUP, PANEL, QuantizedWeight, WeightView, k4_of};
 use crate::{Activation, MAX_IN_FEATURES};
 use std::arch::asm;
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// Rows of every tile.
@@ -159,6 +160,14 @@ pub(super) unsafe fn quantize(x: &[f32], input: InputQuant<'_>, k: usize, out: Q
     unsafe { x86::quantize_avx512(x, input, k, out, 0) }
 }
 
+thread_local! {
+    /// Row blocks zero-padded to whole tiles (a last block of fewer than 32 rows, or K not a
+    /// multiple of 64), per thread and reused: the tile loop allocates nothing once warm.
+    /// Taken and put back rather than borrowed in a closure, which would not inherit the
+    /// caller's target features.
+    static STAGED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
 /// Rows `r0..r1` x panels `p0..p1` on the tile instructions `ops`, results through the shared
 /// epilogue at width `T`.
 #[allow(clippy::too_many_arguments)]
@@ -180,7 +189,7 @@ unsafe fn drive<O: TileOps, T: V>(
     let whole = k4 / COLSB;
     let tail = panel - whole * B_TILE;
     let padded = steps * COLSB;
-    let mut staged = Vec::new();
+    let mut staged = STAGED.take();
     let mut b_tail = [[0u8; B_TILE]; 2];
     let mut c = [0i32; ROWS * PANEL];
     unsafe {
@@ -253,6 +262,7 @@ unsafe fn drive<O: TileOps, T: V>(
         }
         ops.release();
     }
+    STAGED.set(staged);
 }
 
 /// The first `rows` rows of a stored C tile (rows `row..` x panel `p`): the zero-point
