@@ -35,70 +35,43 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     samples[samples.len() / 2]
 }
 
-/// `out[m, n] = a[m, k] . b^T` with `b[n, k]`, strides in floats, on one thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nt(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_stride: usize,
-    b: *const f32,
-    b_stride: usize,
-    out: &mut [f32],
-) {
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a,
-            1,
-            a_stride as isize,
-            b,
-            b_stride as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
+/// A matrix in memory: element `(i, j)` at `ptr + i * row + j * col` (strides in floats).
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    row: usize,
+    col: usize,
+}
+
+impl<P> Strided<P> {
+    /// Row-major, rows `row` apart.
+    fn rows(ptr: P, row: usize) -> Self {
+        Self { ptr, row, col: 1 }
     }
 }
 
-/// `out[m, n] = a[m, k] . b[k, n]`, `b` rows `b_stride` apart.
-#[allow(clippy::too_many_arguments)]
-fn gemm_nn(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    b: *const f32,
-    b_stride: usize,
-    out: *mut f32,
-    out_stride: usize,
+/// `out[m, n] = a[m, k] . b[k, n]` with the `gemm` crate on one thread.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    a: Strided<*const f32>,
+    b: Strided<*const f32>,
+    out: Strided<*mut f32>,
 ) {
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out,
-            1,
-            out_stride as isize,
+            out.ptr,
+            out.col as isize,
+            out.row as isize,
             false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b,
-            1,
-            b_stride as isize,
+            a.ptr,
+            a.col as isize,
+            a.row as isize,
+            b.ptr,
+            b.col as isize,
+            b.row as isize,
             0.0f32,
             1.0f32,
             false,
@@ -121,7 +94,14 @@ fn unfused(io: HeadIo, scores: &mut [f32]) {
         len,
         head_dim,
     } = io;
-    gemm_nt(len, len, head_dim, q, in_stride, k, in_stride, scores);
+    // Scores = Q K^T: K's rows read as the columns of the right-hand matrix.
+    let kt = Strided {
+        ptr: k,
+        row: 1,
+        col: in_stride,
+    };
+    let s = Strided::rows(scores.as_mut_ptr(), len);
+    matmul((len, len, head_dim), Strided::rows(q, in_stride), kt, s);
     for row in scores.chunks_exact_mut(len) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
@@ -131,7 +111,9 @@ fn unfused(io: HeadIo, scores: &mut [f32]) {
         }
         row.iter_mut().for_each(|s| *s /= sum);
     }
-    gemm_nn(len, head_dim, len, scores, v, in_stride, out, out_stride);
+    let p = Strided::rows(scores.as_ptr(), len);
+    let (v, out) = (Strided::rows(v, in_stride), Strided::rows(out, out_stride));
+    matmul((len, head_dim, len), p, v, out);
 }
 
 fn main() {
