@@ -158,31 +158,12 @@ fn embeddings_are_batch_invariant() {
     }
 }
 
-/// The portable (scalar) int8 kernels, forced with `QMODEL_KERNEL=scalar` as CI cannot pick
-/// its CPU: the INT8 accuracy and batch-invariance tests, re-run in a child process (the
-/// kernel path is chosen once per process).
+/// The INT8 accuracy and batch-invariance tests on every other kernel path this CPU has
+/// (scalar, avx2, avx512vnni, amx: CI cannot pick its CPU), each forced with `QMODEL_KERNEL`.
 #[test]
-fn int8_on_the_scalar_kernel_fallback() {
-    if std::env::var_os("QMODEL_KERNEL").is_some() {
-        return; // already the child, or the whole run forces a path
-    }
-    let exe = std::env::current_exe().unwrap();
-    for test in [
+fn int8_on_every_kernel_path() {
+    common::on_every_other_kernel_path(&[
         "int8_stays_close_to_the_reference",
         "embeddings_are_batch_invariant",
-    ] {
-        let output = std::process::Command::new(&exe)
-            .args([test, "--exact", "--nocapture", "--test-threads=1"])
-            .env("QMODEL_KERNEL", "scalar")
-            .output()
-            .unwrap();
-        let log = String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr);
-        println!("QMODEL_KERNEL=scalar {test}:\n{log}");
-        assert!(output.status.success(), "scalar kernel: {test} failed");
-        assert!(
-            log.contains("1 passed"),
-            "scalar kernel: {test} did not run"
-        );
-    }
+    ]);
 }

@@ -321,6 +321,17 @@ fn rerankers_match_the_reference() {
     }
 }
 
+/// The INT8 accuracy, batch-invariance and reranker tests on every other kernel path this CPU
+/// has, each forced with `QMODEL_KERNEL`.
+#[test]
+fn int8_on_every_kernel_path() {
+    common::on_every_other_kernel_path(&[
+        "int8_meets_the_accuracy_target",
+        "embeddings_are_batch_invariant",
+        "rerankers_match_the_reference",
+    ]);
+}
+
 #[test]
 fn manifest_names_the_family_and_the_checkpoint_files() {
     for (name, family) in [

@@ -143,3 +143,9 @@ fn int8_ranks_like_f32() {
         groups.len()
     );
 }
+
+/// The INT8 ranking test on every other kernel path this CPU has, forced with `QMODEL_KERNEL`.
+#[test]
+fn int8_on_every_kernel_path() {
+    common::on_every_other_kernel_path(&["int8_ranks_like_f32"]);
+}

@@ -32,6 +32,13 @@ COMMANDS = [
     "bin/cargo",
 ]
 
+# Every step tests/run announces, in order (its time table lists them so).
+STEPS = [
+    line.split('step "', 1)[1].rsplit('"', 1)[0]
+    for line in (ROOT / "tests" / "run").read_text().splitlines()
+    if line.startswith('step "')
+]
+
 RECORDER = """#!/usr/bin/env bash
 name={name}
 echo "$name $*" >>"$CALLS"
@@ -90,6 +97,9 @@ def test_every_step_runs_when_nothing_fails(tmp_path):
     assert order[last_test + 1 : last_test + 3] == ["tests/cluster/down", "tests/cluster/check-clean compare"], order
     assert order.count("tests/cluster/down") == 1, order
     assert order[-3:] == ["tests/arm/run", "tests/image/run", "tests/cuda/run"], order
+    # The time table at the end names every step once, then the total.
+    table = result.stderr[result.stderr.index("tests/run: passed; time per step:") :].splitlines()[1:]
+    assert [row.split(" s  ", 1)[1] for row in table] == STEPS + ["total"], table
 
 
 @pytest.mark.parametrize(
@@ -113,6 +123,10 @@ def test_a_failing_step_stops_the_run_there(tmp_path, fail_call, step):
     result, calls = run_tests_run(tmp_path, fail_call)
     assert result.returncode != 0, f"tests/run passed although {fail_call} failed:\n{result.stderr}"
     assert f"FAIL at step '{step}" in result.stderr, result.stderr
+    # The time table is printed on failure too, ending with the failed step.
+    assert f"tests/run: FAILED at step '{step}" in result.stderr, result.stderr
+    table = result.stderr[result.stderr.index("; time per step:") :].splitlines()[1:]
+    assert table[-2].split(" s  ", 1)[1].startswith(step), table
     failed_at = next(i for i, c in enumerate(calls) if c.startswith(fail_call))
     after = [c for c in calls[failed_at + 1 :] if not c.startswith("tests/cluster/down")]
     assert after == [], f"tests/run went on after {fail_call} failed: {after}"

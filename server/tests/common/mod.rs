@@ -4,10 +4,12 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use qmodel_server::artifact::Precision;
 use qmodel_server::backend::{DeviceKind, LoadedModel, load};
 use qmodel_server::quantize::{QuantizeArgs, quantize};
+use qmodel_kernels::Path as KernelPath;
 
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -74,7 +76,8 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
-/// (mean, min) of per-input cosines, printed under `label` with the worst input.
+/// (mean, min) of per-input cosines, printed under `label` and the kernel path that computed
+/// them, with the worst input.
 pub fn cosine_summary(label: &str, cosines: &[f64]) -> (f64, f64) {
     let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
     let (worst, min) = cosines
@@ -84,12 +87,59 @@ pub fn cosine_summary(label: &str, cosines: &[f64]) -> (f64, f64) {
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap();
     println!(
-        "{label} vs reference over {} inputs: mean cosine {mean:.7}, min {min:.7} \
+        "{label} on {} vs reference over {} inputs: mean cosine {mean:.7}, min {min:.7} \
          (1 - min = {:.1e}, input {worst})",
+        KernelPath::active(),
         cosines.len(),
         1.0 - min
     );
     (mean, min)
+}
+
+/// Runs `tests` of this test binary again on every other kernel path this CPU supports, each
+/// in a child process with `QMODEL_KERNEL` forced (the path is chosen once per process; this
+/// process runs them on its own active path), and prints what each child measured. CI cannot
+/// pick its CPU, so a bound that holds on one path only would otherwise pass unnoticed.
+pub fn on_every_other_kernel_path(tests: &[&str]) {
+    let active = KernelPath::active();
+    let others: Vec<KernelPath> = KernelPath::supported()
+        .into_iter()
+        .filter(|&p| p != active)
+        .collect();
+    println!(
+        "kernel paths: {active} here, re-running {tests:?} on {}",
+        if others.is_empty() {
+            "none (no other path on this CPU)".to_owned()
+        } else {
+            others.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        }
+    );
+    let exe = std::env::current_exe().unwrap();
+    for path in others {
+        for test in tests {
+            let output = Command::new(&exe)
+                .args([test, "--exact", "--nocapture", "--test-threads=1"])
+                .env("QMODEL_KERNEL", path.name())
+                .output()
+                .unwrap();
+            let log = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            // What the test printed, without the harness's own lines.
+            for line in log.lines().filter(|l| {
+                !(l.is_empty() || l.starts_with("running ") || l.starts_with("test "))
+            }) {
+                println!("  QMODEL_KERNEL={path} {test}: {line}");
+            }
+            assert!(
+                output.status.success(),
+                "QMODEL_KERNEL={path} {test} failed:\n{log}"
+            );
+            assert!(
+                log.contains("1 passed"),
+                "QMODEL_KERNEL={path} {test} did not run:\n{log}"
+            );
+        }
+    }
 }
 
 pub fn argmax(xs: &[f32]) -> usize {
