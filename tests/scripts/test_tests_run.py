@@ -44,8 +44,6 @@ name={name}
 echo "$name $*" >>"$CALLS"
 if [[ "$name $*" == "$FAIL_CALL"* ]]; then echo "$name: failing on purpose" >&2; exit 3; fi
 if [[ $name == tests/cluster/up ]]; then echo "export KUBECONFIG=$PWD/kubeconfig"; fi
-# tests/run's lint probe must see clippy fail a crate with a lint.
-if [[ "$name $*" == "cargo build --quiet --manifest-path"* && -z $PROBE_PASSES ]]; then echo "error: unneeded return: -D clippy::needless-return implied by -D warnings" >&2; exit 101; fi
 exit 0
 """
 
@@ -62,7 +60,7 @@ def scratch_tree(tmp_path: Path) -> Path:
     return tree
 
 
-def run_tests_run(tmp_path: Path, fail_call: str, **extra_env: str):
+def run_tests_run(tmp_path: Path, fail_call: str):
     tree = scratch_tree(tmp_path)
     calls = tmp_path / "calls"
     env = {
@@ -70,9 +68,6 @@ def run_tests_run(tmp_path: Path, fail_call: str, **extra_env: str):
         "CALLS": str(calls),
         "FAIL_CALL": fail_call,
         "HOME": str(tmp_path),
-        # tests/run asks rustc (the real one) for its sysroot.
-        "RUSTUP_HOME": os.environ.get("RUSTUP_HOME", str(Path.home() / ".rustup")),
-        **extra_env,
     }
     result = subprocess.run(
         ["bash", str(tree / "tests" / "run")],
@@ -111,9 +106,8 @@ def test_every_step_runs_when_nothing_fails(tmp_path):
     ("fail_call", "step"),
     [
         ("models/fetch", "Model checkpoint"),
-        ("cargo fmt --all", "Format and lint"),
-        ("cargo build --quiet --manifest-path", "Format and lint"),
-        ("cargo build --workspace", "Build and lint (release, all targets)"),
+        ("cargo clippy", "Format and lint"),
+        ("cargo build", "Build (release, all targets)"),
         ("tests/cluster/build", "Control plane and real-node binaries"),
         ("tests/cluster/check-clean snapshot", "Cluster for the end-to-end tests"),
         ("tests/cluster/up", "Cluster for the end-to-end tests"),
@@ -141,13 +135,3 @@ def test_a_failing_step_stops_the_run_there(tmp_path, fail_call, step):
     if any(c.startswith("tests/cluster/up") for c in calls):
         up = next(i for i, c in enumerate(calls) if c.startswith("tests/cluster/up"))
         assert any(c.startswith("tests/cluster/down") for c in calls[up + 1 :]), calls
-
-
-def test_a_lint_probe_that_builds_fails_the_run(tmp_path):
-    """If clippy-driver stopped linting (a toolchain that changed how cargo-clippy hands it its
-    arguments, say), the probe crate with a lint would build: the run must fail, not go on."""
-    result, calls = run_tests_run(tmp_path, fail_call="(nothing)", PROBE_PASSES="1")
-    assert result.returncode != 0, result.stderr
-    assert "let a clippy warning through" in result.stderr, result.stderr
-    assert "FAIL at step 'Format and lint'" in result.stderr, result.stderr
-    assert not any(c.startswith("cargo build --workspace") for c in calls), calls
