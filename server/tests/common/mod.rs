@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use qmodel_kernels::Path as KernelPath;
 use qmodel_server::artifact::Precision;
 use qmodel_server::backend::{DeviceKind, LoadedModel, load};
 use qmodel_server::quantize::{QuantizeArgs, quantize};
-use qmodel_kernels::Path as KernelPath;
 
 pub fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -111,7 +111,11 @@ pub fn on_every_other_kernel_path(tests: &[&str]) {
         if others.is_empty() {
             "none (no other path on this CPU)".to_owned()
         } else {
-            others.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+            others
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     );
     let exe = std::env::current_exe().unwrap();
@@ -124,11 +128,13 @@ pub fn on_every_other_kernel_path(tests: &[&str]) {
                 .unwrap();
             let log = String::from_utf8_lossy(&output.stdout).into_owned()
                 + &String::from_utf8_lossy(&output.stderr);
-            // What the test printed, without the harness's own lines.
-            for line in log.lines().filter(|l| {
-                !(l.is_empty() || l.starts_with("running ") || l.starts_with("test "))
-            }) {
-                println!("  QMODEL_KERNEL={path} {test}: {line}");
+            // What the test printed, without the harness's own words: with --nocapture its
+            // first line follows the harness's "test NAME ... " on the same line.
+            for line in log.lines() {
+                let line = line.split_once(" ... ").map_or(line, |(_, rest)| rest);
+                if !(line.is_empty() || line == "ok" || line.starts_with("running ")) {
+                    println!("  QMODEL_KERNEL={path} {test}: {line}");
+                }
             }
             assert!(
                 output.status.success(),
