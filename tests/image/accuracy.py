@@ -78,10 +78,9 @@ def embed(port, model, out, every=1):
 def agree(a, b, bound):
     a, b = (json.loads(Path(p).read_text()) for p in (a, b))
     by_index = dict(zip(a["indices"], a["embeddings"]))
-    common = [i for i in b["indices"] if i in by_index]
-    assert common, "the two images embedded no sentence in common"
     cosines = [cosine(by_index[i], e) for i, e in zip(b["indices"], b["embeddings"]) if i in by_index]
-    print(f"    cosine between the two images over {len(common)} sentences: min {min(cosines):.7f}")
+    assert cosines, "the two images embedded no sentence in common"
+    print(f"    cosine between the two images over {len(cosines)} sentences: min {min(cosines):.7f}")
     assert min(cosines) >= bound, f"min cosine {min(cosines)} < {bound}"
 
 
